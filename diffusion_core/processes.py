@@ -1,0 +1,385 @@
+"""Forward noise processes: one abstraction for DDPM and the Score-SDE family.
+
+Every process is a Gaussian marginal (Kingma et al. 2021, "Variational Diffusion Models", eq. 1)
+
+    q(x_t | x_0) = N(alpha(t) x_0, sigma(t)^2 I),   t in [0, 1],
+
+from which everything a sampler or a loss needs follows:
+
+* the SDE ``dx = f(t) x dt + g(t) dW`` (Song et al. 2021, eq. 5) with
+  ``f(t) = d log alpha / dt`` and ``g(t)^2 = d sigma^2 / dt - 2 f(t) sigma^2``;
+* the transition ``q(x_t | x_s) = N(alpha_{t|s} x_s, sigma_{t|s}^2 I)`` for s < t with
+  ``alpha_{t|s} = alpha_t / alpha_s`` and ``sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2``;
+* the log signal-to-noise ratio ``lambda(t) = log(alpha^2 / sigma^2)`` (DPM-Solver's time variable).
+
+The discrete DDPM (Ho et al. 2020) is the member whose ``log alpha`` is piecewise linear between
+its grid times ``t_i = i / N``; at those times ``alpha(t_i)^2 = prod_{j<=i} (1 - beta_j)``
+exactly. As ``N`` grows with ``beta_i = beta(t_i) / N`` it converges to the VP-SDE, which is why a
+network trained on the discrete schedule can be sampled by every SDE/ODE solver here.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Spacing = Literal["uniform", "quadratic"]
+
+
+def _as_tensor(t: Tensor | float, like: Tensor | None = None) -> Tensor:
+    if isinstance(t, Tensor):
+        return t.to(torch.float64) if t.dtype != torch.float64 else t
+    device = like.device if like is not None else None
+    return torch.tensor(float(t), dtype=torch.float64, device=device)
+
+
+class NoiseProcess(ABC):
+    """A forward process ``x_t = alpha(t) x_0 + sigma(t) eps`` on ``t in [0, 1]``.
+
+    Coefficient methods take a tensor ``t`` of any shape and return float64 tensors of that
+    shape; callers cast to their working dtype. Subclasses implement ``log_alpha``, ``sigma``,
+    ``f`` and ``g2``; the rest derives from them.
+    """
+
+    name: str = "process"
+    #: smallest time used in training and the last time before the final denoising step
+    t_min: float = 0.0
+    #: True for processes defined on a grid of N steps (discrete DDPM)
+    discrete: bool = False
+    #: standard deviation of the prior p_T = N(0, prior_std^2 I)
+    prior_std: float = 1.0
+
+    @abstractmethod
+    def log_alpha(self, t: Tensor) -> Tensor:
+        """``log alpha(t)``."""
+
+    @abstractmethod
+    def sigma(self, t: Tensor) -> Tensor:
+        """``sigma(t)``, the standard deviation of the noise in ``x_t``."""
+
+    @abstractmethod
+    def f(self, t: Tensor) -> Tensor:
+        """Drift coefficient ``f(t) = d log alpha(t) / dt`` of ``dx = f x dt + g dW``."""
+
+    @abstractmethod
+    def g2(self, t: Tensor) -> Tensor:
+        """Squared diffusion ``g(t)^2 = d sigma^2/dt - 2 f(t) sigma(t)^2``."""
+
+    # ----------------------------------------------------------------- derived quantities
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.exp(self.log_alpha(_as_tensor(t)))
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        """``lambda(t) = log(alpha^2 / sigma^2)``."""
+        t = _as_tensor(t)
+        return 2.0 * (self.log_alpha(t) - torch.log(self.sigma(t)))
+
+    def transition(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(alpha_{t|s}, sigma_{t|s}^2)`` of ``q(x_t | x_s)`` for ``s < t``."""
+        s, t = _as_tensor(s), _as_tensor(t)
+        a_ts = torch.exp(self.log_alpha(t) - self.log_alpha(s))
+        var = self.sigma(t) ** 2 - a_ts**2 * self.sigma(s) ** 2
+        return a_ts, var.clamp_min(0.0)
+
+    def posterior(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Coefficients of ``q(x_s | x_t, x_0) = N(c_t x_t + c_0 x_0, var I)`` for ``0 < s < t``
+        (Ho et al. 2020, eq. 6-7 for a general ``alpha, sigma``; Kingma et al. 2021, eq. 28):
+        ``c_t = alpha_{t|s} sigma_s^2 / sigma_t^2``, ``c_0 = alpha_s sigma_{t|s}^2 / sigma_t^2``,
+        ``var = sigma_{t|s}^2 sigma_s^2 / sigma_t^2``. Returns ``(c_t, c_0, var)``."""
+        s, t = _as_tensor(s), _as_tensor(t)
+        a_ts, var_ts = self.transition(s, t)
+        sig_s2, sig_t2 = self.sigma(s) ** 2, self.sigma(t) ** 2
+        return a_ts * sig_s2 / sig_t2, self.alpha(s) * var_ts / sig_t2, var_ts * sig_s2 / sig_t2
+
+    def marginal(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """``x_t = alpha(t) x_0 + sigma(t) eps`` with ``t`` of shape ``(B,)``."""
+        a = broadcast(self.alpha(t), x0)
+        s = broadcast(self.sigma(t), x0)
+        return a * x0 + s * eps
+
+    # ----------------------------------------------------------------------------- prior
+    def prior_sample(self, shape: tuple[int, ...], rng=None, device=None) -> Tensor:
+        """Draw ``x_T ~ N(0, prior_std^2 I)``; ``shape`` includes the batch dimension."""
+        from diffusion_core.rng import randn
+
+        return self.prior_std * randn(shape, rng, device=device)
+
+    def prior_logp(self, x: Tensor) -> Tensor:
+        """Per-sample ``log N(x; 0, prior_std^2 I)``, summed over all but the batch dim."""
+        d = x[0].numel()
+        sq = x.flatten(1).double().pow(2).sum(1)
+        return -0.5 * d * math.log(2 * math.pi * self.prior_std**2) - sq / (2 * self.prior_std**2)
+
+    # ------------------------------------------------------------------------------ time
+    def sample_t(
+        self, n: int, generator: torch.Generator | None = None, device=None
+    ) -> Tensor:
+        """Training-time distribution of t: ``U(t_min, 1)`` (Song et al. 2021, eq. 7)."""
+        dev = generator.device if generator is not None else device
+        u = torch.rand(n, generator=generator, device=dev, dtype=torch.float64)
+        t = self.t_min + (1.0 - self.t_min) * u
+        return t.to(device) if device is not None else t
+
+    def time_grid(self, steps: int, spacing: Spacing = "uniform", device=None) -> Tensor:
+        """Descending sampling times ``[1, ..., t_min, 0]`` with ``steps`` intervals.
+
+        The last interval ends at 0: samplers take it as the final denoising step
+        (``x_0 = E[x_0 | x_{t_min}]``, Tweedie's formula).
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if steps == 1:
+            grid = torch.tensor([1.0], dtype=torch.float64)
+        else:
+            u = torch.linspace(1.0, 0.0, steps, dtype=torch.float64)
+            if spacing == "uniform":
+                grid = self.t_min + (1.0 - self.t_min) * u
+            elif spacing == "quadratic":
+                grid = self.t_min + (1.0 - self.t_min) * u**2
+            else:
+                raise ValueError(f"unknown spacing {spacing!r}: use 'uniform' or 'quadratic'")
+        return torch.cat([grid, torch.zeros(1, dtype=torch.float64)]).to(device)
+
+    def describe(self) -> dict:
+        """Plain-type description (stored in checkpoints, rebuilt by :func:`make_process`)."""
+        return {"name": self.name}
+
+
+def broadcast(v: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-sample (or scalar) coefficient to broadcast against ``x`` in x's dtype."""
+    v = v.to(device=x.device, dtype=x.dtype)
+    if v.dim() == 0:
+        return v
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+# ======================================================================== Score-SDE family
+class VPSDE(NoiseProcess):
+    """Variance-preserving SDE (Song et al. 2021, eq. 11): ``dx = -beta(t)/2 x dt + sqrt(beta(t)) dW``.
+
+    ``beta(t) = beta_min + t (beta_max - beta_min)``,
+    ``log alpha(t) = -t^2 (beta_max - beta_min)/4 - t beta_min / 2``, ``sigma^2 = 1 - alpha^2``.
+    """
+
+    name = "vp"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3):
+        if not 0 < beta_min < beta_max:
+            raise ValueError(f"need 0 < beta_min < beta_max, got {beta_min}, {beta_max}")
+        if not 0 < t_min < 1:
+            raise ValueError(f"t_min must lie in (0, 1), got {t_min}")
+        self.beta_min, self.beta_max, self.t_min = float(beta_min), float(beta_max), float(t_min)
+
+    def beta(self, t: Tensor) -> Tensor:
+        return self.beta_min + _as_tensor(t) * (self.beta_max - self.beta_min)
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        t = _as_tensor(t)
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+
+    def f(self, t: Tensor) -> Tensor:
+        return -0.5 * self.beta(t)
+
+    def g2(self, t: Tensor) -> Tensor:
+        return self.beta(t)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "beta_min": self.beta_min, "beta_max": self.beta_max,
+                "t_min": self.t_min}
+
+
+class SubVPSDE(VPSDE):
+    """Sub-VP SDE (Song et al. 2021, eq. 12): same drift as VP,
+    ``g^2 = beta(t) (1 - exp(-2 int_0^t beta))``, so ``sigma(t) = 1 - alpha(t)^2``."""
+
+    name = "subvp"
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return -torch.expm1(2.0 * self.log_alpha(t))
+
+    def g2(self, t: Tensor) -> Tensor:
+        return self.beta(t) * (-torch.expm1(4.0 * self.log_alpha(t)))
+
+
+class VESDE(NoiseProcess):
+    """Variance-exploding SDE (Song et al. 2021, eq. 9): ``dx = sqrt(d sigma^2/dt) dW``.
+
+    ``alpha = 1``, ``sigma(t) = sigma_min (sigma_max / sigma_min)^t``,
+    ``g^2 = 2 sigma(t)^2 log(sigma_max / sigma_min)``, prior ``N(0, sigma_max^2 I)``.
+    """
+
+    name = "ve"
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 1e-5):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if not 0 < t_min < 1:
+            raise ValueError(f"t_min must lie in (0, 1), got {t_min}")
+        self.sigma_min, self.sigma_max, self.t_min = (
+            float(sigma_min), float(sigma_max), float(t_min))
+        self.prior_std = self.sigma_max
+        self._log_ratio = math.log(self.sigma_max / self.sigma_min)
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(_as_tensor(t))
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self.sigma_min * torch.exp(_as_tensor(t) * self._log_ratio)
+
+    def f(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(_as_tensor(t))
+
+    def g2(self, t: Tensor) -> Tensor:
+        return 2.0 * self.sigma(t) ** 2 * self._log_ratio
+
+    def describe(self) -> dict:
+        return {"name": self.name, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
+                "t_min": self.t_min}
+
+
+# ============================================================================ discrete DDPM
+def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Ho et al. 2020, Sec. 4: betas linear from 1e-4 to 0.02 over T = 1000 steps.
+
+    For other ``num_steps`` the endpoints are rescaled by ``1000 / num_steps`` so that the
+    process (and its VP-SDE limit, ``beta_min = 1000 beta_start``) stays the same."""
+    scale = 1000.0 / num_steps
+    return torch.linspace(beta_start * scale, beta_end * scale, num_steps, dtype=torch.float64)
+
+
+def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Nichol & Dhariwal 2021, eq. 17: ``abar(t) = cos^2(((t/T + s)/(1 + s)) pi/2) / abar(0)``."""
+    t = torch.linspace(0, num_steps, num_steps + 1, dtype=torch.float64)
+    abar = torch.cos(((t / num_steps + s) / (1 + s)) * math.pi / 2) ** 2
+    abar = abar / abar[0]
+    return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
+
+
+class DiscreteDDPM(NoiseProcess):
+    """The DDPM forward process (Ho et al. 2020, eq. 4): ``q(x_i|x_0) = N(sqrt(abar_i) x_0, (1-abar_i) I)``.
+
+    Step ``i in 1..N`` is time ``t_i = i/N``; between grid times ``log alpha`` is linear in t, so
+    ``f(t) = N/2 log(1 - beta_i)`` and ``g(t)^2 = -2 f(t)`` on ``(t_{i-1}, t_i]``: the
+    discretisation of the VP-SDE with ``beta(t_i) ~= N beta_i``.
+    """
+
+    name = "ddpm"
+    discrete = True
+
+    def __init__(
+        self,
+        num_steps: int = 1000,
+        schedule: Literal["linear", "cosine"] = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        cosine_s: float = 0.008,
+    ):
+        if num_steps < 2:
+            raise ValueError(f"num_steps must be >= 2, got {num_steps}")
+        if schedule == "linear":
+            if not 0 < beta_start < beta_end:
+                raise ValueError(f"need 0 < beta_start < beta_end, got {beta_start}, {beta_end}")
+            betas = linear_betas(num_steps, beta_start, beta_end)
+            if betas.max() >= 1:
+                raise ValueError("beta_end * 1000 / num_steps must stay below 1")
+        elif schedule == "cosine":
+            betas = cosine_betas(num_steps, cosine_s)
+        else:
+            raise ValueError(f"unknown beta schedule {schedule!r}: use 'linear' or 'cosine'")
+        self.num_steps, self.schedule = int(num_steps), schedule
+        self.beta_start, self.beta_end, self.cosine_s = beta_start, beta_end, cosine_s
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, 0)
+        # log abar at grid times 0..N (abar_0 = 1)
+        self._log_abar = torch.cat([torch.zeros(1, dtype=torch.float64),
+                                    torch.log(self.alphas_cumprod)])
+        self.t_min = 1.0 / num_steps
+
+    # ---------------------------------------------------------------- piecewise-linear log alpha
+    def _locate(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        pos = _as_tensor(t).clamp(0.0, 1.0) * self.num_steps
+        lo = torch.floor(pos).clamp(max=self.num_steps - 1).long()
+        return lo, pos - lo
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        lo, frac = self._locate(t)
+        la = self._log_abar.to(lo.device)
+        return 0.5 * (la[lo] + frac * (la[lo + 1] - la[lo]))
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+
+    def f(self, t: Tensor) -> Tensor:
+        t = _as_tensor(t)
+        # the interval (t_{i-1}, t_i] holding t uses beta_i
+        idx = torch.ceil(t.clamp(0.0, 1.0) * self.num_steps - 1e-9).clamp(1, self.num_steps).long()
+        betas = self.betas.to(idx.device)
+        return 0.5 * self.num_steps * torch.log1p(-betas[idx - 1])
+
+    def g2(self, t: Tensor) -> Tensor:
+        return -2.0 * self.f(t)
+
+    # -------------------------------------------------------------------------------- time
+    def sample_t(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """``i ~ U{1, ..., N}``, ``t = i / N`` (Ho et al. 2020, Algorithm 1)."""
+        dev = generator.device if generator is not None else device
+        i = torch.randint(1, self.num_steps + 1, (n,), generator=generator, device=dev)
+        t = i.to(torch.float64) / self.num_steps
+        return t.to(device) if device is not None else t
+
+    def time_grid(self, steps: int, spacing: Spacing = "uniform", device=None) -> Tensor:
+        """Grid times ``i/N`` for a subsequence of steps (DDIM, Sec. 4.2; Nichol & Dhariwal 2021
+        respacing), always starting at step N and ending with 0.
+
+        ``uniform``: evenly spaced steps; ``quadratic``: ``i ~ (k / S)^2`` (DDIM's CIFAR choice)."""
+        n = self.num_steps
+        if not 1 <= steps <= n:
+            raise ValueError(f"steps must lie in [1, {n}] for a {n}-step DDPM, got {steps}")
+        k = torch.linspace(1.0, 0.0, steps, dtype=torch.float64)
+        if spacing == "uniform":
+            pos = 1 + (n - 1) * k
+        elif spacing == "quadratic":
+            pos = 1 + (n - 1) * k**2
+        else:
+            raise ValueError(f"unknown spacing {spacing!r}: use 'uniform' or 'quadratic'")
+        idx = torch.round(pos).long()
+        # strictly decreasing, ending at >= 1 (quadratic spacing can collide near 0)
+        for j in range(steps - 2, -1, -1):
+            idx[j] = max(int(idx[j]), int(idx[j + 1]) + 1)
+        idx = idx.clamp(max=n)
+        for j in range(1, steps):
+            idx[j] = min(int(idx[j]), int(idx[j - 1]) - 1)
+        grid = torch.cat([idx.to(torch.float64) / n, torch.zeros(1, dtype=torch.float64)])
+        return grid.to(device)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "num_steps": self.num_steps, "schedule": self.schedule,
+                "beta_start": self.beta_start, "beta_end": self.beta_end,
+                "cosine_s": self.cosine_s}
+
+
+PROCESSES: dict[str, type[NoiseProcess]] = {
+    "ddpm": DiscreteDDPM,
+    "vp": VPSDE,
+    "subvp": SubVPSDE,
+    "ve": VESDE,
+}
+
+
+def make_process(name: str, **kwargs) -> NoiseProcess:
+    """Build a process by name (``ddpm``, ``vp``, ``subvp``, ``ve``); unknown keyword arguments
+    that belong to other processes are ignored, so one parameter block serves them all."""
+    import inspect
+
+    if name not in PROCESSES:
+        raise ValueError(f"unknown process {name!r}: choose one of {sorted(PROCESSES)}")
+    cls = PROCESSES[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in kwargs.items() if k in accepted})

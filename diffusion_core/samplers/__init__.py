@@ -1,0 +1,100 @@
+"""Samplers: one short function per algorithm, all with one signature
+
+    sampler(denoiser, process, x_T, grid, *, labels=None, rng=None, callback=None, **settings)
+        -> SampleResult(x, nfe)
+
+``grid`` is a descending time grid from :meth:`NoiseProcess.time_grid` ending at 0; the callback
+receives ``{"i", "t", "x", "x0_pred"}`` after every step. :func:`generate` is the convenience entry
+point: it draws ``x_T`` from the prior with per-image seeds and runs a named sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from diffusion_core.processes import NoiseProcess
+from diffusion_core.rng import StackedRNG
+from diffusion_core.samplers.base import SampleResult
+from diffusion_core.samplers.ddim import ddim, ddim_invert
+from diffusion_core.samplers.ddpm import ddpm
+from diffusion_core.samplers.ode import dopri5, heun_ode, ode_velocity, rk45_ode
+from diffusion_core.samplers.sde import euler_maruyama, predictor_corrector
+
+SAMPLERS: dict[str, Callable[..., SampleResult]] = {
+    "ddpm": ddpm,
+    "ddim": ddim,
+    "sde": euler_maruyama,
+    "pc": predictor_corrector,
+    "ode_heun": heun_ode,
+    "ode_rk45": rk45_ode,
+}
+
+#: settings each sampler accepts beyond the common signature
+SAMPLER_SETTINGS: dict[str, tuple[str, ...]] = {
+    "ddpm": ("variance",),
+    "ddim": ("eta",),
+    "sde": (),
+    "pc": ("snr", "corrector_steps"),
+    "ode_heun": (),
+    "ode_rk45": ("rtol", "atol"),
+}
+
+
+def compatible(sampler: str, process: NoiseProcess, steps: int | None = None) -> str | None:
+    """Why ``sampler`` cannot run on ``process`` with ``steps`` (a one-line reason), or None.
+
+    All samplers here are written against the shared ``alpha/sigma`` interface, so each runs on
+    every process; what does not fit is a step count the process cannot provide (a discrete DDPM
+    only has its own N steps) or a grid too short for the method."""
+    if sampler not in SAMPLERS:
+        return f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}"
+    if steps is not None:
+        if process.discrete and steps > process.num_steps:  # type: ignore[attr-defined]
+            return (f"{sampler} with {steps} steps does not fit a discrete DDPM of "
+                    f"{process.num_steps} steps")  # type: ignore[attr-defined]
+        if sampler in ("ode_heun", "sde", "pc") and steps < 2:
+            return f"{sampler} needs at least 2 steps (the last one is the denoising step)"
+    return None
+
+
+def generate(
+    denoiser,
+    process: NoiseProcess,
+    sampler: str,
+    *,
+    shape: Sequence[int],
+    seeds: Sequence[int],
+    labels: Tensor | None = None,
+    steps: int = 50,
+    spacing: str = "uniform",
+    device: torch.device | str = "cpu",
+    callback=None,
+    **settings,
+) -> SampleResult:
+    """Sample ``len(seeds)`` images of ``shape`` (C, H, W). Image ``i`` draws its prior sample and
+    all its noise from a generator seeded with ``seeds[i]``."""
+    reason = compatible(sampler, process, None if sampler == "ode_rk45" else steps)
+    if reason:
+        raise ValueError(reason)
+    unknown = set(settings) - set(SAMPLER_SETTINGS[sampler])
+    if unknown:
+        raise ValueError(f"{sampler} does not take settings {sorted(unknown)}; "
+                         f"it takes {list(SAMPLER_SETTINGS[sampler])}")
+    device = torch.device(device)
+    rng = StackedRNG(seeds, device)
+    x_T = process.prior_sample((len(seeds), *shape), rng, device=device)
+    grid = process.time_grid(2 if sampler == "ode_rk45" else steps, spacing, device="cpu")
+    if labels is not None:
+        labels = labels.to(device)
+    return SAMPLERS[sampler](denoiser, process, x_T, grid, labels=labels, rng=rng,
+                             callback=callback, **settings)
+
+
+__all__ = [
+    "SAMPLERS", "SAMPLER_SETTINGS", "SampleResult", "compatible", "ddim", "ddim_invert", "ddpm",
+    "dopri5", "euler_maruyama", "generate", "heun_ode", "ode_velocity", "predictor_corrector",
+    "rk45_ode",
+]
