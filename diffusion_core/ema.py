@@ -1,0 +1,96 @@
+"""Exponential moving average of model weights (Polyak & Juditsky 1992; used for sampling by
+Ho et al. 2020, "Denoising Diffusion Probabilistic Models", Sec. 4, and Song et al. 2021).
+
+After every optimiser step ``k`` (``k = 0, 1, ...`` counts the updates already done):
+
+    theta_ema <- d_k * theta_ema + (1 - d_k) * theta,
+    d_k = min(decay, (1 + k) / (10 + k))   with warm-up,    d_k = decay   without.
+
+The warm-up (the schedule of TensorFlow's ``ExponentialMovingAverage(num_updates=...)``) keeps the
+average from being dominated by the random initial weights early in training. Buffers that are not
+floating point (counters) and all buffers in general are copied, not averaged.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["EMA", "unwrap_model"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside ``DistributedDataParallel`` and ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        else:
+            return model
+
+
+class EMA:
+    """An averaged copy of a model: ``theta_ema <- d_k theta_ema + (1 - d_k) theta``.
+
+    Args:
+        model: the trained model (wrappers such as DDP or ``torch.compile`` are looked through).
+        decay: the asymptotic decay ``d`` in ``[0, 1)``.
+        warmup: use ``d_k = min(decay, (1 + k) / (10 + k))`` after ``k`` earlier updates.
+
+    ``ema.module`` is the averaged copy (in eval mode, no gradients); ``copy_to(model)`` writes
+    it into another model of the same architecture.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.num_updates = 0
+        self.module = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
+
+    def current_decay(self) -> float:
+        """``d_k`` for the next update (``k = num_updates``)."""
+        if not self.warmup:
+            return self.decay
+        k = self.num_updates
+        return min(self.decay, (1.0 + k) / (10.0 + k))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """One step ``theta_ema <- d_k theta_ema + (1 - d_k) theta`` over all float parameters."""
+        d = self.current_decay()
+        src = unwrap_model(model)
+        ema_params = dict(self.module.named_parameters())
+        for name, p in src.named_parameters():
+            e = ema_params[name]
+            if e.dtype.is_floating_point:
+                e.mul_(d).add_(p.detach().to(e.dtype), alpha=1.0 - d)
+            else:
+                e.copy_(p)
+        ema_buffers = dict(self.module.named_buffers())
+        for name, b in src.named_buffers():
+            ema_buffers[name].copy_(b)
+        self.num_updates += 1
+
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the averaged weights into ``model`` (same architecture)."""
+        unwrap_model(model).load_state_dict(self.module.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain state (tensors and numbers): the averaged weights and the update counter."""
+        return {
+            "module": self.module.state_dict(),
+            "num_updates": self.num_updates,
+            "decay": self.decay,
+            "warmup": self.warmup,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (the decay settings given at construction are kept)."""
+        self.module.load_state_dict(state["module"])
+        self.num_updates = int(state["num_updates"])
