@@ -1,0 +1,286 @@
+"""Training loop: exact resume, interrupts, stale checkpoints, NaN guard, pruning, DDP on gloo."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_core.checkpoint import list_checkpoints, load_checkpoint
+from diffusion_core.distributed import DistInfo
+from diffusion_core.processes import make_process
+from diffusion_core.training import BatchSampler, TrainConfig, lr_at, train
+from diffusion_core.unet import UNet
+
+_WORKER_PATH = Path(__file__).with_name("_ddp_worker.py")
+_spec = importlib.util.spec_from_file_location("_ddp_worker", _WORKER_PATH)
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+
+CPU = DistInfo.single("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny nets run fastest (and least disturbed by other processes) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(steps: int, **kw) -> TrainConfig:
+    return TrainConfig(**{**worker.CONFIG, "steps": steps, "p_uncond": 0.25, **kw})
+
+
+def _run(tmp: Path, steps: int, net=None, config_hash: str = "h", **kw):
+    images, labels = worker.data()
+    net = net if net is not None else worker.unet()
+    cfg = _cfg(steps, **kw.pop("cfg", {}))
+    return train(
+        net,
+        make_process("vp"),
+        images,
+        labels,
+        cfg,
+        checkpoint_dir=tmp,
+        config_hash=config_hash,
+        dist=CPU,
+        progress=False,
+        **kw,
+    )
+
+
+def _weights(path: Path) -> dict:
+    m = load_checkpoint(path)
+    return {"model": m["model"], "ema": m["ema"]}
+
+
+def _assert_equal_weights(a: dict, b: dict) -> None:
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def test_config_rejects_bad_values_naming_them():
+    with pytest.raises(ValueError, match="prediction"):
+        TrainConfig(prediction="score")
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp8")
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="keep_last"):
+        TrainConfig(keep_last=0)
+
+
+def test_lr_warmup_is_linear_then_constant():
+    assert [lr_at(k, 1.0, 4) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_at(0, 3e-4, 0) == 3e-4
+
+
+def test_global_batch_is_the_same_for_any_world_size():
+    n, b = 37, 8  # 4 full batches per epoch, 5 items dropped
+    single = BatchSampler(n, b, seed=1)
+    shards = [BatchSampler(n, b, seed=1, rank=r, world_size=4) for r in range(4)]
+    for step in range(10):
+        merged = torch.cat([s.local_batch(step) for s in shards])
+        assert torch.equal(merged, single.global_batch(step))
+    epoch0 = torch.cat([single.global_batch(k) for k in range(4)])
+    assert epoch0.unique().numel() == 32  # a permutation, without repeats, last batch dropped
+    assert not torch.equal(single.permutation(0), single.permutation(1))
+
+
+def test_batch_must_divide_by_world_size_and_fit_the_data():
+    with pytest.raises(ValueError, match="divisible by the world size 3"):
+        BatchSampler(100, 8, seed=0, rank=0, world_size=3)
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        BatchSampler(4, 8, seed=0)
+
+
+def test_train_rejects_bad_inputs(tmp_path):
+    images, labels = worker.data()
+    dist3 = DistInfo(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"))
+    kw = dict(checkpoint_dir=tmp_path, config_hash="h", progress=False)
+    with pytest.raises(ValueError, match="world size 3"):
+        train(worker.unet(), make_process("vp"), images, labels, _cfg(1), dist=dist3, **kw)
+    uncond = UNet(in_channels=1, image_size=4, base_channels=8, channel_mults=(1,),
+                  num_res_blocks=1, attention_resolutions=(), num_heads=1)  # fmt: skip
+    with pytest.raises(ValueError, match="p_uncond"):
+        train(uncond, make_process("vp"), images, labels, _cfg(1), dist=CPU, **kw)
+    with pytest.raises(ValueError, match="bf16"):
+        cfg = _cfg(1, mixed_precision="bf16")
+        train(worker.unet(), make_process("vp"), images, labels, cfg, dist=CPU, **kw)
+    assert list_checkpoints(tmp_path) == []
+
+
+# ------------------------------------------------------------------------ resume and files
+
+
+def test_resume_is_bit_identical_to_one_unbroken_run(tmp_path):
+    logs_a, logs_b = [], []
+    full = _run(tmp_path / "a", 6, on_log=lambda s, m: logs_a.append((s, m)))
+    half = _run(tmp_path / "b", 3, on_log=lambda s, m: logs_b.append((s, m)))
+    assert (half.step, half.resumed) == (3, False)
+    rest = _run(tmp_path / "b", 6, on_log=lambda s, m: logs_b.append((s, m)))
+    assert (rest.step, rest.resumed, rest.interrupted) == (6, True, False)
+    assert rest.loss == full.loss
+    assert logs_a == logs_b and [s for s, _ in logs_a] == list(range(1, 7))
+    _assert_equal_weights(_weights(full.model_path), _weights(rest.model_path))
+    a, b = load_checkpoint(full.checkpoint), load_checkpoint(rest.checkpoint)
+    assert a["ema_updates"] == b["ema_updates"] == 6
+    for sa, sb in zip(
+        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+    ):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_model_file_rebuilds_the_network(tmp_path):
+    res = _run(tmp_path, 2)
+    m = load_checkpoint(res.model_path)  # weights_only=True
+    assert res.model_path == tmp_path / "model.pt"
+    assert m["step"] == 2 and m["prediction"] == "eps" and m["process"]["name"] == "vp"
+    net = UNet(**m["model_config"])
+    net.load_state_dict(m["ema"])
+    net.load_state_dict(m["model"])
+    assert m["config_hash"] == "h"
+
+
+def test_sigint_stops_after_the_step_saves_and_resumes_exactly(tmp_path):
+    full = _run(tmp_path / "a", 6)
+
+    def interrupt(step, metrics):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handler_before = signal.getsignal(signal.SIGINT)
+    stopped = _run(tmp_path / "b", 6, on_log=interrupt)
+    assert signal.getsignal(signal.SIGINT) is handler_before
+    assert stopped.interrupted and stopped.signal == signal.SIGINT
+    assert stopped.step == 3 and stopped.model_path is None  # step 3 was finished, then saved
+    assert stopped.checkpoint == tmp_path / "b" / "ckpt-00000003.pt"
+    assert not (tmp_path / "b" / "model.pt").exists()
+    rest = _run(tmp_path / "b", 6)
+    assert rest.resumed and not rest.interrupted and rest.step == 6
+    _assert_equal_weights(_weights(full.model_path), _weights(rest.model_path))
+
+
+def test_checkpoint_with_another_hash_is_moved_aside_not_continued(tmp_path, capsys):
+    fresh = _run(tmp_path / "fresh", 2, config_hash="new")
+    old = _run(tmp_path / "run", 4, config_hash="old")
+    old_files = sorted(p.name for _, p in list_checkpoints(tmp_path / "run"))
+    res = _run(tmp_path / "run", 2, config_hash="new")
+    assert not res.resumed and res.step == 2
+    assert "config hash old, not new" in capsys.readouterr().out
+    stale = tmp_path / "run" / "stale-old"
+    assert sorted(p.name for _, p in list_checkpoints(stale)) == old_files
+    assert load_checkpoint(stale / "model.pt")["step"] == old.step
+    _assert_equal_weights(_weights(fresh.model_path), _weights(res.model_path))
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    _run(tmp_path, 7, cfg={"checkpoint_every": 2, "keep_last": 2})
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [6, 7]
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    full = _run(tmp_path / "a", 6)
+    _run(tmp_path / "b", 4, cfg={"keep_last": 3})
+    newest = tmp_path / "b" / "ckpt-00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    res = _run(tmp_path / "b", 6)
+    assert res.resumed
+    assert (tmp_path / "b" / "corrupt" / "ckpt-00000004.pt").exists()
+    _assert_equal_weights(_weights(full.model_path), _weights(res.model_path))
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_good_checkpoint(tmp_path):
+    net = worker.unet()
+    calls = {"n": 0}
+
+    def poison(module, args, out):
+        calls["n"] += 1
+        return out * math.nan if calls["n"] == 3 else out
+
+    net.register_forward_hook(poison)
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        _run(tmp_path, 6, net=net, cfg={"checkpoint_every": 1})
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 2]
+    good = load_checkpoint(tmp_path / "ckpt-00000002.pt")
+    assert all(torch.isfinite(v).all() for v in good["model"].values())
+    assert not (tmp_path / "model.pt").exists()
+
+
+# ------------------------------------------------------------------------------------- DDP
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    """One torchrun launch of two gloo processes running the worker's scenarios."""
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path.cwd()), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [*cmd, str(_WORKER_PATH), str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _results(out: Path) -> list[dict]:
+    return [json.loads((out / f"result-{r}.json").read_text()) for r in range(2)]
+
+
+def test_ddp_on_gloo_matches_one_process_on_the_same_global_batch(ddp_run, tmp_path):
+    r0, r1 = _results(ddp_run)
+    assert r0["dist"]["world_size"] == r1["dist"]["world_size"] == 2
+    assert (r0["dist"]["is_main"], r1["dist"]["is_main"]) == (True, False)
+    images, labels = worker.data()
+    cfg = TrainConfig(steps=worker.STEPS, prediction="x0", **worker.CONFIG)
+    ref = train(
+        worker.ClassMean(init_seed=0),
+        make_process("vp"),
+        images,
+        labels,
+        cfg,
+        checkpoint_dir=tmp_path,
+        config_hash="m",
+        dist=CPU,
+        progress=False,
+    )
+    ddp = load_checkpoint(ddp_run / "mean" / "model.pt")
+    one = load_checkpoint(ref.model_path)
+    for part in ("model", "ema"):
+        for k in one[part]:
+            torch.testing.assert_close(ddp[part][k], one[part][k], rtol=1e-5, atol=1e-6)
+    assert r0["mean"]["loss"] == pytest.approx(ref.loss, rel=1e-5)
+
+
+def test_ddp_checkpoint_holds_every_ranks_rng(ddp_run):
+    ck = load_checkpoint(ddp_run / "full" / "ckpt-00000006.pt")
+    ranks = ck["rng"]["ranks"]
+    assert ck["rng"]["world_size"] == 2 and len(ranks) == 2
+    assert not torch.equal(ranks[0]["noise"], ranks[1]["noise"])
+
+
+def test_ddp_signal_on_one_rank_stops_all_and_resume_matches(ddp_run):
+    r0, r1 = _results(ddp_run)
+    for r in (r0, r1):
+        assert r["interrupted"]["interrupted"] and r["interrupted"]["signal"] == signal.SIGTERM
+        assert r["interrupted"]["step"] == worker.STOP_AT
+        assert r["resumed"]["resumed"] and r["resumed"]["step"] == worker.STEPS
+    _assert_equal_weights(
+        _weights(ddp_run / "full" / "model.pt"), _weights(ddp_run / "resume" / "model.pt")
+    )
