@@ -1,0 +1,384 @@
+"""The typed model of ``params.yaml``: the one place the pipeline's parameters are defined.
+
+Every section is a pydantic v2 model with ``extra="forbid"`` (a typo is an error) in lax mode, so
+values that ``dvc exp run -S`` writes as strings (``"1e-05"``) still validate as numbers.
+Cross-field checks live in :class:`Params` and name the key they concern.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class DatasetInfo(NamedTuple):
+    """Facts about a dataset that the checks need before it is loaded."""
+
+    size: int  # number of images
+    image_size: int
+    channels: int
+    num_classes: int
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo(size=1797, image_size=8, channels=1, num_classes=10),
+    "mnist": DatasetInfo(size=70000, image_size=28, channels=1, num_classes=10),
+}
+
+SAMPLERS = ("ddpm", "ddim", "sde", "pc", "ode_heun", "ode_rk45")
+METHOD_NAME = r"^[a-z][a-z0-9_-]*$"
+# Train settings that do not change what is learned: changing them keeps checkpoints resumable.
+BOOKKEEPING_TRAIN_KEYS = ("threads_per_proc", "checkpoint_every", "keep_last", "log_every")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    dataset: Literal["digits", "mnist"]
+    root: str | None = None
+    test_fraction: float = Field(gt=0.0, lt=1.0)
+
+
+class ProcessParams(_Section):
+    name: Literal["ddpm", "vp", "subvp", "ve"]
+    num_steps: int = Field(ge=1)
+    schedule: Literal["linear", "cosine"]
+    beta_start: float = Field(gt=0.0, lt=1.0)
+    beta_end: float = Field(gt=0.0, lt=1.0)
+    beta_min: float = Field(gt=0.0)
+    beta_max: float = Field(gt=0.0)
+    sigma_min: float = Field(gt=0.0)
+    sigma_max: float = Field(gt=0.0)
+    t_min: float = Field(gt=0.0, lt=1.0)
+
+    def factory_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``diffusion_core.processes.make_process`` for ``name``."""
+        keys = {
+            "ddpm": ("num_steps", "schedule", "beta_start", "beta_end"),
+            "vp": ("beta_min", "beta_max", "t_min"),
+            "subvp": ("beta_min", "beta_max", "t_min"),
+            "ve": ("sigma_min", "sigma_max", "t_min"),
+        }[self.name]
+        return {k: getattr(self, k) for k in keys}
+
+
+class ModelParams(_Section):
+    base_channels: int = Field(ge=1)
+    channel_mults: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    num_res_blocks: int = Field(ge=1)
+    attention_resolutions: list[Annotated[int, Field(ge=1)]]
+    dropout: float = Field(ge=0.0, lt=1.0)
+    prediction: Literal["eps", "x0", "v"]
+    conditional: bool
+
+
+class TrainParams(_Section):
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="global batch size, split over nproc")
+    lr: float = Field(gt=0.0)
+    weight_decay: float = Field(ge=0.0)
+    warmup_steps: int = Field(ge=0)
+    grad_clip: float = Field(ge=0.0, description="max gradient norm; 0 = off")
+    ema_decay: float = Field(ge=0.0, lt=1.0)
+    ema_warmup: bool
+    p_uncond: float = Field(ge=0.0, lt=1.0)
+    nproc: int = Field(ge=1)
+    threads_per_proc: int = Field(ge=1)
+    mixed_precision: Literal["no", "bf16", "auto"]
+    compile: bool
+    checkpoint_every: int = Field(ge=1)
+    keep_last: int = Field(ge=1)
+    log_every: int = Field(ge=1)
+
+
+class ClassifierParams(_Section):
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0.0)
+    feature_dim: int = Field(ge=2)
+
+
+class SampleParams(_Section):
+    n_images: int = Field(ge=2)
+    batch_size: int = Field(ge=1)
+
+
+class _Method(_Section):
+    """Settings every sampling method shares."""
+
+    guidance: float = Field(0.0, ge=0.0, description="classifier-free guidance weight w")
+    classes: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="labels to sample, cycled; null = every class equally"
+    )
+
+    def settings(self) -> dict[str, Any]:
+        """The sampler-specific keyword arguments of ``samplers.generate``."""
+        common = {"sampler", "guidance", "classes", "steps", "spacing"}
+        return {k: v for k, v in self.model_dump().items() if k not in common}
+
+
+class DDPMMethod(_Method):
+    sampler: Literal["ddpm"]
+    steps: int = Field(ge=1)
+    variance: Literal["posterior", "beta"] = "posterior"
+
+
+class DDIMMethod(_Method):
+    sampler: Literal["ddim"]
+    steps: int = Field(ge=1)
+    eta: float = Field(0.0, ge=0.0, le=1.0)
+    spacing: Literal["uniform", "quadratic"] = "uniform"
+
+
+class SDEMethod(_Method):
+    sampler: Literal["sde"]
+    steps: int = Field(ge=1)
+
+
+class PCMethod(_Method):
+    sampler: Literal["pc"]
+    steps: int = Field(ge=1)
+    snr: float = Field(0.16, gt=0.0)
+    corrector_steps: int = Field(1, ge=0)
+
+
+class HeunMethod(_Method):
+    sampler: Literal["ode_heun"]
+    steps: int = Field(ge=1)
+
+
+class RK45Method(_Method):
+    sampler: Literal["ode_rk45"]
+    rtol: float = Field(1.0e-5, gt=0.0)
+    atol: float = Field(1.0e-5, gt=0.0)
+
+
+Method = Annotated[
+    DDPMMethod | DDIMMethod | SDEMethod | PCMethod | HeunMethod | RK45Method,
+    Field(discriminator="sampler"),
+]
+MethodName = Annotated[str, Field(pattern=METHOD_NAME)]
+
+
+class EvaluateParams(_Section):
+    extractor: Literal["classifier", "inception"]
+    batch_size: int = Field(ge=1)
+    bpd_images: int = Field(ge=0)
+
+
+class Params(_Section):
+    """The whole of ``params.yaml``."""
+
+    seed: int = Field(ge=0)
+    data: DataParams
+    process: ProcessParams
+    model: ModelParams
+    train: TrainParams
+    classifier: ClassifierParams
+    sample: SampleParams
+    methods: dict[MethodName, Method] = Field(min_length=1)
+    evaluate: EvaluateParams
+
+    @property
+    def dataset(self) -> DatasetInfo:
+        return DATASETS[self.data.dataset]
+
+    @property
+    def test_size(self) -> int:
+        """A lower bound on the held-out split's size.
+
+        ``train_test_split`` rounds each class's test share, losing at most half an image per
+        class; the exact size is in ``data/prepared/info.json``.
+        """
+        info = self.dataset
+        return int(info.size * self.data.test_fraction - info.num_classes / 2)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        for message in _cross_field_errors(self):
+            raise ValueError(message)
+        return self
+
+    def method(self, name: str) -> Method:
+        """The method called ``name``; a :class:`ParamsError` naming the choices if absent."""
+        if name not in self.methods:
+            have = ", ".join(sorted(self.methods))
+            raise ParamsError(f"methods: no method named {name!r} (have: {have})")
+        return self.methods[name]
+
+
+def _cross_field_errors(p: Params) -> list[str]:
+    """Messages ``key: problem (got value)`` for values that are wrong only together."""
+    errors: list[str] = []
+    pr, info = p.process, p.dataset
+    if pr.beta_end <= pr.beta_start:
+        errors.append(f"process.beta_end: must exceed process.beta_start (got {pr.beta_end})")
+    if pr.beta_max <= pr.beta_min:
+        errors.append(f"process.beta_max: must exceed process.beta_min (got {pr.beta_max})")
+    if pr.sigma_max <= pr.sigma_min:
+        errors.append(f"process.sigma_max: must exceed process.sigma_min (got {pr.sigma_max})")
+    size = info.image_size
+    resolutions = [size // 2**i for i in range(len(p.model.channel_mults))]
+    if size % 2 ** (len(p.model.channel_mults) - 1):
+        errors.append(
+            f"model.channel_mults: {len(p.model.channel_mults)} levels do not divide the "
+            f"{size}x{size} images (got {p.model.channel_mults})"
+        )
+    for r in p.model.attention_resolutions:
+        if r not in resolutions:
+            errors.append(
+                f"model.attention_resolutions: {r} is not a U-Net resolution "
+                f"{resolutions} (got {p.model.attention_resolutions})"
+            )
+    if p.train.batch_size % p.train.nproc:
+        errors.append(
+            f"train.batch_size: must be divisible by train.nproc={p.train.nproc} "
+            f"(got {p.train.batch_size})"
+        )
+    if p.sample.n_images > p.test_size:
+        errors.append(
+            f"sample.n_images: must not exceed the {p.test_size} test images that give the "
+            f"FID floor (got {p.sample.n_images})"
+        )
+    if p.evaluate.bpd_images > p.test_size:
+        errors.append(
+            f"evaluate.bpd_images: must not exceed the {p.test_size} test images "
+            f"(got {p.evaluate.bpd_images})"
+        )
+    for name, m in p.methods.items():
+        key = f"methods.{name}"
+        steps = getattr(m, "steps", None)
+        if pr.name == "ddpm" and steps is not None and steps > pr.num_steps:
+            errors.append(
+                f"{key}.steps: must not exceed process.num_steps={pr.num_steps} for the "
+                f"discrete DDPM process (got {steps})"
+            )
+        if m.guidance > 0 and not p.model.conditional:
+            errors.append(
+                f"{key}.guidance: needs a class-conditional model (model.conditional: true) "
+                f"(got {m.guidance})"
+            )
+        if m.classes is not None:
+            if not p.model.conditional:
+                errors.append(f"{key}.classes: needs a class-conditional model (got {m.classes})")
+            bad = [c for c in m.classes if c >= info.num_classes]
+            if bad:
+                errors.append(
+                    f"{key}.classes: labels must be below {info.num_classes} (got {m.classes})"
+                )
+    return errors
+
+
+class ParamsError(ValueError):
+    """A problem with ``params.yaml``; its message is one line ``key: problem (got value)``."""
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = [str(part) for part in err["loc"]]
+    if len(loc) >= 3 and loc[0] == "methods" and loc[2] in SAMPLERS:
+        del loc[2]  # the discriminated-union tag pydantic inserts
+    msg = err["msg"]
+    if err["type"] == "value_error" and not loc:
+        return msg.removeprefix("Value error, ")
+    if loc and loc[-1] == "[key]":
+        return (
+            f"{'.'.join(loc[:-1])}: a method name must match {METHOD_NAME} (got {err['input']!r})"
+        )
+    if err["type"] == "union_tag_not_found":
+        return f"{'.'.join(loc)}.sampler: Field required"
+    if err["type"] == "union_tag_invalid":
+        msg = f"sampler must be one of {', '.join(SAMPLERS)}"
+        got = err.get("input", {}).get("sampler") if isinstance(err.get("input"), dict) else None
+        return f"{'.'.join(loc)}.sampler: {msg} (got {got!r})"
+    where = ".".join(loc) if loc else "(top level)"
+    if err["type"] == "missing":
+        return f"{where}: {msg}"
+    return f"{where}: {msg} (got {err.get('input')!r})"
+
+
+def validate_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a parsed ``params.yaml`` mapping; raise :class:`ParamsError` (one line)."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections (got {type(raw).__name__})")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        first = _format_error(errors[0])
+        more = f" [and {len(errors) - 1} more]" if len(errors) > 1 else ""
+        raise ParamsError(f"{source}: {first}{more}") from None
+
+
+def load_params(path: str | Path) -> Params:
+    """Read and validate ``path``; raise :class:`ParamsError` with a one-line message."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ParamsError(f"{path}: invalid YAML{where}: {problem}") from None
+    return validate_params(raw, source=str(path))
+
+
+def load_params_or_exit(path: str | Path) -> Params:
+    """:func:`load_params`, but print the one-line message to stderr and exit 2 on error."""
+    try:
+        return load_params(path)
+    except ParamsError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _digest(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def params_hash(params: Params) -> str:
+    """A short hash of all validated parameters (formatting and comments do not count)."""
+    return _digest(params.model_dump(mode="json"))[:12]
+
+
+def train_config_hash(params: Params, data_digest: str) -> str:
+    """Hash of everything that decides the trained weights: a resume is allowed only on a match.
+
+    Covers ``seed``, ``data``, ``process``, ``model``, ``train`` (less bookkeeping keys such as
+    ``log_every``) and the digest of the prepared training data.
+    """
+    train = params.train.model_dump(mode="json")
+    for key in BOOKKEEPING_TRAIN_KEYS:
+        train.pop(key)
+    return _digest(
+        {
+            "seed": params.seed,
+            "data": params.data.model_dump(mode="json"),
+            "process": params.process.model_dump(mode="json"),
+            "model": params.model.model_dump(mode="json"),
+            "train": train,
+            "data_digest": data_digest,
+        }
+    )[:16]
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts with dotted keys: ``{"a": {"b": 1}} -> {"a.b": 1}``."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
