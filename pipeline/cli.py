@@ -1,0 +1,143 @@
+"""The ``diffusion`` command line: one command per DVC stage.
+
+Every command reads ``--params`` (default ``params.yaml``), validates it (a bad file prints one
+line ``params.yaml: key: problem (got value)`` and exits 2) and writes its outputs atomically.
+Exit codes: 0 done, 1 failure, 2 bad parameters, 130/143 interrupted by SIGINT/SIGTERM.
+Stage modules are imported inside the commands so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipeline.config import Params, ParamsError, load_params
+from pipeline.errors import StageError, StageInterruptedError
+
+app = typer.Typer(
+    name="diffusion",
+    help="Diffusion-model pipeline: prepare, classifier, train, sample, evaluate, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+ParamsOption = Annotated[
+    Path,
+    typer.Option(
+        "--params",
+        "-p",
+        dir_okay=False,
+        help="The parameters file (validated; see pipeline/config.py).",
+    ),
+]
+MethodOption = Annotated[
+    str,
+    typer.Option("--method", "-m", help="A sampling method: a key under `methods:` in params."),
+]
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+def _run(stage: Callable[..., Any], params_file: Path, **kwargs: Any) -> None:
+    """Validate params, run ``stage(params, **kwargs)`` and turn known failures into exit codes."""
+    try:
+        params: Params = load_params(params_file)
+    except ParamsError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(code=2) from None
+    try:
+        stage(params, **kwargs)
+    except ParamsError as exc:
+        typer.echo(f"{params_file}: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    except StageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    except StageInterruptedError as exc:
+        typer.echo(f"stopped: {exc}; the last checkpoint is kept, re-run to resume", err=True)
+        raise typer.Exit(code=exc.code) from None
+    except KeyboardInterrupt:
+        typer.echo("stopped: interrupted", err=True)
+        raise typer.Exit(code=130) from None
+
+
+@app.command()
+def prepare(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Load the dataset, split it (stratified, seeded) and write data/prepared/."""
+    from pipeline.prepare import run
+
+    _run(run, params)
+
+
+@app.command()
+def classifier(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Train the evaluation classifier (the FID feature extractor) and cache reference features."""
+    from pipeline.classifier import run
+
+    _run(run, params)
+
+
+@app.command()
+def train(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Train the U-Net (under torchrun for several processes); resumes from checkpoints.
+
+    Writes runs/train/model.pt, runs/train/loss.csv, metrics/train.json and the MLflow run link
+    runs/train/mlflow_run.json. Launch several processes with
+    `python -m torch.distributed.run --standalone --nproc-per-node=N -m pipeline train`.
+    """
+    from pipeline.train import run
+
+    _run(run, params)
+
+
+@app.command()
+def sample(params: ParamsOption = DEFAULT_PARAMS, method: MethodOption = ...) -> None:
+    """Sample `sample.n_images` images with one method; writes runs/samples/METHOD and a grid.
+
+    Image i uses seed `seed + i`, so it is the same for any batch size. A sampler that does not
+    fit the trained process is recorded as skipped (exit 0) with its reason.
+    """
+    from pipeline.sample import run
+
+    _run(run, params, method=method)
+
+
+@app.command()
+def evaluate(params: ParamsOption = DEFAULT_PARAMS, method: MethodOption = ...) -> None:
+    """FID/KID of one method's samples against the training split, with the FID floor."""
+    from pipeline.evaluate import run
+
+    _run(run, params, method=method)
+
+
+@app.command()
+def report(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Summarise every method: metrics/summary.json, reports/summary.md, reports/fid_vs_nfe.csv."""
+    from pipeline.report import run
+
+    _run(run, params)
+
+
+@app.command("check-params")
+def check_params(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Validate the parameters file and print its hash (exit 2 with the problem if invalid)."""
+    from pipeline.config import params_hash
+
+    def show(p: Params) -> None:
+        typer.echo(f"{params}: ok (hash {params_hash(p)}, methods: {', '.join(p.methods)})")
+
+    _run(show, params)
+
+
+def main() -> None:
+    """Console-script entry point (``diffusion``)."""
+    app(prog_name="diffusion")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
