@@ -106,7 +106,7 @@ def main(out: Path) -> None:
     from diffusion_core.distributed import cleanup, setup_distributed
 
     torch.set_num_threads(1)
-    dist = setup_distributed()
+    dist = setup_distributed(device="cpu")  # gloo, even where CUDA is visible
     report: dict = {"dist": {**dataclasses.asdict(dist), "device": str(dist.device)}}
     images, labels = data()
     process = make_process("vp")
