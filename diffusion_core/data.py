@@ -1,0 +1,200 @@
+"""Datasets as in-memory tensors: images float32 ``(N, C, H, W)`` in ``[-1, 1]``, labels int64.
+
+Datasets are registered in ``DATASETS`` (name -> loader ``(root, download) -> (images, labels)``):
+
+- ``"digits"``: scikit-learn's bundled UCI handwritten digits (1797 images, 8x8, values 0..16);
+  offline, no files needed.
+- ``"mnist"``: LeCun et al. 1998 MNIST read from the raw idx files in ``root`` (train and/or
+  t10k, gzipped or not); optionally downloaded with ``torchvision.datasets.MNIST``.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DATASETS",
+    "DatasetUnavailable",
+    "from_uint8",
+    "load_dataset",
+    "read_idx",
+    "to_uint8",
+    "train_test_split",
+]
+
+Loader = Callable[[Path | None, bool], tuple[Tensor, Tensor]]
+
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_MNIST_SPLITS = ("train", "t10k")
+
+
+class DatasetUnavailable(ValueError):  # noqa: N818 (name fixed by the API contract)
+    """The dataset's files are not on disk and could not be downloaded."""
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Map ``[-1, 1]`` to ``0..255``: ``round((clamp(x, -1, 1) + 1) * 127.5)`` as uint8."""
+    return ((images.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(images: Tensor) -> Tensor:
+    """Map ``0..255`` to ``[-1, 1]``: ``x / 127.5 - 1`` as float32 (inverse of ``to_uint8``)."""
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an idx file (the MNIST format; gzip-compressed or not) into a numpy array.
+
+    Format (LeCun et al.): two zero bytes, a type byte (0x08 = uint8, ...), a byte with the
+    number of dimensions ``d``, ``d`` big-endian int32 sizes, then the data in C order.
+    """
+    path = Path(path)
+    with path.open("rb") as fh:
+        gzipped = fh.read(2) == b"\x1f\x8b"
+    opener = gzip.open if gzipped else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an idx file (bad magic number {data[:4].hex()})")
+    dtype, ndim = _IDX_DTYPES[data[2]], data[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int(s) for s in np.frombuffer(data[4:header], dtype=">i4"))
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise ValueError(
+            f"{path}: idx header says shape {shape} ({expected} bytes), "
+            f"but the file holds {len(data) - header} bytes"
+        )
+    return (
+        np.frombuffer(data, dtype=dtype, offset=header)
+        .reshape(shape)
+        .astype(dtype.newbyteorder("="))
+    )
+
+
+def _load_digits(root: Path | None, download: bool) -> tuple[Tensor, Tensor]:
+    """scikit-learn's bundled 8x8 digits, ``x / 8 - 1`` maps 0..16 to [-1, 1]."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32) / 8.0 - 1.0).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    return images.contiguous(), labels
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _mnist_files(root: Path) -> list[tuple[Path, Path]]:
+    """(images, labels) idx file pairs present in ``root`` or torchvision's ``root/MNIST/raw``."""
+    pairs = []
+    for folder in (root, root / "MNIST" / "raw"):
+        for split in _MNIST_SPLITS:
+            img = _find_idx(folder, f"{split}-images-idx3-ubyte")
+            lab = _find_idx(folder, f"{split}-labels-idx1-ubyte")
+            if img is not None and lab is not None:
+                pairs.append((img, lab))
+        if pairs:
+            return pairs
+    return pairs
+
+
+def _load_mnist(root: Path | None, download: bool) -> tuple[Tensor, Tensor]:
+    """MNIST from raw idx files; ``x / 127.5 - 1`` maps 0..255 to [-1, 1]."""
+    if root is None:
+        raise DatasetUnavailable(
+            "mnist needs root=<folder> holding train-/t10k-{images-idx3,labels-idx1}-ubyte[.gz]"
+        )
+    pairs = _mnist_files(root)
+    if not pairs and download:
+        try:
+            from torchvision.datasets import MNIST
+
+            for train in (True, False):
+                MNIST(str(root), train=train, download=True)
+        except Exception as exc:  # any network / IO failure becomes one clear error
+            raise DatasetUnavailable(
+                f"mnist download into {root} failed ({type(exc).__name__}: {exc}); place the idx "
+                "files there by hand (from https://yann.lecun.com/exdb/mnist/ or a mirror)"
+            ) from exc
+        pairs = _mnist_files(root)
+    if not pairs:
+        raise DatasetUnavailable(
+            f"mnist idx files not found: looked for {{train,t10k}}-images-idx3-ubyte[.gz] and "
+            f"{{train,t10k}}-labels-idx1-ubyte[.gz] in {root} and {root / 'MNIST' / 'raw'}; "
+            "copy them there or pass download=True (needs a network)"
+        )
+    images, labels = [], []
+    for img_path, lab_path in pairs:
+        img, lab = read_idx(img_path), read_idx(lab_path)
+        if img.ndim != 3 or lab.ndim != 1 or img.shape[0] != lab.shape[0]:
+            raise ValueError(
+                f"mnist files disagree: {img_path.name} has shape {img.shape}, "
+                f"{lab_path.name} has shape {lab.shape}"
+            )
+        images.append(torch.from_numpy(img.astype(np.float32) / 127.5 - 1.0))
+        labels.append(torch.from_numpy(lab.astype(np.int64)))
+    return torch.cat(images).unsqueeze(1).contiguous(), torch.cat(labels)
+
+
+DATASETS: dict[str, Loader] = {"digits": _load_digits, "mnist": _load_mnist}
+
+
+def load_dataset(
+    name: str, root: str | Path | None = None, download: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Load a registered dataset: images float32 (N, C, H, W) in [-1, 1], labels int64 (N,).
+
+    Raises ValueError for an unknown name and ``DatasetUnavailable`` when files are missing.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name](None if root is None else Path(root), download)
+
+
+def train_test_split(
+    images: Tensor, labels: Tensor, test_fraction: float, seed: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Deterministic stratified split: ``round(n_c * test_fraction)`` of each class go to test.
+
+    Within each class the examples are permuted by a ``torch.Generator`` seeded with ``seed``; both
+    parts keep the original dataset order. Returns ``(train_x, train_y, test_x, test_y)``.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if images.shape[0] != labels.shape[0] or labels.ndim != 1:
+        raise ValueError(
+            f"images ({images.shape[0]}) and labels {tuple(labels.shape)} must have the same length"
+        )
+    generator = torch.Generator().manual_seed(int(seed))
+    is_test = torch.zeros(labels.shape[0], dtype=torch.bool)
+    labels_cpu = labels.cpu()
+    for cls in torch.unique(labels_cpu).tolist():
+        idx = torch.nonzero(labels_cpu == cls).flatten()
+        n_test = int(round(idx.numel() * test_fraction))
+        is_test[idx[torch.randperm(idx.numel(), generator=generator)[:n_test]]] = True
+    is_test = is_test.to(labels.device)
+    train, test = ~is_test, is_test
+    return (
+        images[train.to(images.device)],
+        labels[train],
+        images[test.to(images.device)],
+        labels[test],
+    )

@@ -1,0 +1,354 @@
+"""The DDPM U-Net (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", App. B), small.
+
+Time ``t in [0, 1]`` is embedded as ``1000 * t`` with the Transformer sinusoidal embedding
+(Vaswani et al. 2017, section 3.5) followed by a two-layer SiLU MLP. Class labels (Ho & Salimans
+2022, "Classifier-Free Diffusion Guidance") use an ``nn.Embedding(num_classes + 1, emb_dim)``
+whose last row is the null label; the class embedding is added to the time embedding.
+
+Residual blocks inject the embedding by scale-shift normalisation (Dhariwal & Nichol 2021,
+"Diffusion Models Beat GANs", section 3): ``h = GroupNorm(h) * (1 + scale) + shift``.
+Self-attention blocks sit at the feature-map sizes listed in ``attention_resolutions`` and in the
+middle of the network. Downsampling is a stride-2 convolution, upsampling nearest neighbour
+followed by a 3x3 convolution. The last convolution of every residual branch, of every attention
+output projection, and of the network output are zero-initialised (as in Ho et al.'s code), so a
+fresh network predicts zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["UNet", "timestep_embedding", "group_norm"]
+
+_MAX_GROUPS = 8
+
+
+def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding ``[sin(s w_k), cos(s w_k)]`` with ``w_k = max_period^(-k/(dim/2-1))``.
+
+    Vaswani et al. 2017 (section 3.5), as used by Ho et al. 2020. ``timesteps`` has shape ``(B,)``
+    (real-valued, e.g. ``1000 * t``); the result has shape ``(B, dim)``.
+    """
+    if dim < 2:
+        raise ValueError(f"embedding dim must be >= 2, got {dim}")
+    half = dim // 2
+    exponent = (
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+        / max(half - 1, 1)
+    )
+    args = timesteps.float()[:, None] * torch.exp(exponent)[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2 == 1:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with the largest number of groups ``<= 8`` that divides ``channels``."""
+    groups = next(g for g in range(min(_MAX_GROUPS, channels), 0, -1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Residual block: ``x + conv(drop(SiLU(norm(conv(SiLU(norm x))) * (1 + s) + b)))``."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the ``H * W`` positions, with a residual connection."""
+
+    def __init__(self, channels: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
+        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, heads, HW, c/heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution (halves H and W)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """A residual block optionally followed by attention (one U-Net stage)."""
+
+    def __init__(self, res: ResBlock, attn: AttentionBlock | None) -> None:
+        super().__init__()
+        self.res = res
+        self.attn = attn if attn is not None else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        return self.attn(self.res(x, emb))
+
+
+class UNet(nn.Module):
+    """DDPM U-Net predicting a tensor of the input's shape from ``(x, t, labels)``.
+
+    Args:
+        in_channels: image channels (also the output channels).
+        image_size: height = width of the input; must be divisible by ``2**(len(channel_mults)-1)``.
+        base_channels: channels of the first level; level ``i`` has ``base_channels * mult_i``.
+        channel_mults: channel multiplier per resolution level (one downsampling between levels).
+        num_res_blocks: residual blocks per level on the down path (``+1`` on the up path).
+        attention_resolutions: feature-map sizes (pixels) where self-attention is applied.
+        dropout: dropout rate inside residual blocks.
+        num_classes: real classes; ``0`` = unconditional. Index ``num_classes`` is the null label.
+        num_heads: attention heads; must divide the channels of every attention block.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        image_size: int = 8,
+        base_channels: int = 32,
+        channel_mults: Sequence[int] = (1, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (4,),
+        dropout: float = 0.0,
+        num_classes: int = 0,
+        num_heads: int = 4,
+    ) -> None:
+        super().__init__()
+        channel_mults = tuple(int(m) for m in channel_mults)
+        attention_resolutions = tuple(int(r) for r in attention_resolutions)
+        _validate(
+            in_channels,
+            image_size,
+            base_channels,
+            channel_mults,
+            num_res_blocks,
+            attention_resolutions,
+            dropout,
+            num_classes,
+            num_heads,
+        )
+        self._config: dict[str, Any] = {
+            "in_channels": int(in_channels),
+            "image_size": int(image_size),
+            "base_channels": int(base_channels),
+            "channel_mults": list(channel_mults),
+            "num_res_blocks": int(num_res_blocks),
+            "attention_resolutions": list(attention_resolutions),
+            "dropout": float(dropout),
+            "num_classes": int(num_classes),
+            "num_heads": int(num_heads),
+        }
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.null_label: int | None = num_classes if num_classes > 0 else None
+
+        emb_dim = 4 * base_channels
+        self.time_dim = base_channels
+        self.time_mlp = nn.Sequential(
+            nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+
+        def attn(ch: int, res: int) -> AttentionBlock | None:
+            return AttentionBlock(ch, num_heads) if res in attention_resolutions else None
+
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_channels = [base_channels]
+        ch, res = base_channels, image_size
+        for level, mult in enumerate(channel_mults):
+            out_ch = base_channels * mult
+            for _ in range(num_res_blocks):
+                self.down.append(_Level(ResBlock(ch, out_ch, emb_dim, dropout), attn(out_ch, res)))
+                ch = out_ch
+                skip_channels.append(ch)
+            if level < len(channel_mults) - 1:
+                self.down.append(Downsample(ch))
+                skip_channels.append(ch)
+                res //= 2
+
+        self.mid = nn.ModuleList(
+            [
+                ResBlock(ch, ch, emb_dim, dropout),
+                AttentionBlock(ch, num_heads),
+                ResBlock(ch, ch, emb_dim, dropout),
+            ]
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mults))):
+            out_ch = base_channels * mult
+            for _ in range(num_res_blocks + 1):
+                block = ResBlock(ch + skip_channels.pop(), out_ch, emb_dim, dropout)
+                self.up.append(_Level(block, attn(out_ch, res)))
+                ch = out_ch
+            if level > 0:
+                self.up.append(Upsample(ch))
+                res *= 2
+
+        self.norm_out = group_norm(ch)
+        self.conv_out = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Plain, JSON-able constructor arguments: ``UNet(**net.config)`` rebuilds the network."""
+        return {k: list(v) if isinstance(v, list) else v for k, v in self._config.items()}
+
+    def forward(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        """Predict a tensor shaped like ``x`` (B, C, H, W) at continuous times ``t in [0, 1]``.
+
+        ``t`` may be a float, a 0-d tensor or a ``(B,)`` tensor. ``labels`` (int, ``(B,)``) in
+        ``[0, num_classes]``; ``None`` means the null label. Unconditional nets ignore labels.
+        """
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"UNet expects input (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
+            )
+        batch = x.shape[0]
+        emb = self.time_mlp(
+            timestep_embedding(1000.0 * self._broadcast_t(t, batch, x), self.time_dim)
+        )
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(self._check_labels(labels, batch, x.device))
+
+        h = self.conv_in(x)
+        skips = [h]
+        for module in self.down:
+            h = module(h, emb) if isinstance(module, _Level) else module(h)
+            skips.append(h)
+        h = self.mid[0](h, emb)
+        h = self.mid[1](h)
+        h = self.mid[2](h, emb)
+        for module in self.up:
+            if isinstance(module, _Level):
+                h = module(torch.cat([h, skips.pop()], dim=1), emb)
+            else:
+                h = module(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    @staticmethod
+    def _broadcast_t(t: Tensor | float, batch: int, x: Tensor) -> Tensor:
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+        if t.ndim == 0 or (t.ndim == 1 and t.shape[0] == 1):
+            return t.reshape(1).expand(batch)
+        if t.ndim == 1 and t.shape[0] == batch:
+            return t.to(torch.float32)
+        raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+
+    def _check_labels(self, labels: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        if labels is None:
+            return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        labels = torch.as_tensor(labels, device=device)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        if labels.ndim == 0:
+            labels = labels.reshape(1).expand(batch)
+        if labels.shape != (batch,):
+            raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
+            bad = labels[(labels < 0) | (labels > self.num_classes)][0].item()
+            raise ValueError(
+                f"label {bad} outside [0, {self.num_classes}] "
+                f"({self.num_classes} classes, null label {self.num_classes})"
+            )
+        return labels.long()
+
+
+def _validate(
+    in_channels: int,
+    image_size: int,
+    base_channels: int,
+    channel_mults: tuple[int, ...],
+    num_res_blocks: int,
+    attention_resolutions: tuple[int, ...],
+    dropout: float,
+    num_classes: int,
+    num_heads: int,
+) -> None:
+    """Raise ValueError with a one-line message for an invalid U-Net configuration."""
+    for name, value, low in (
+        ("in_channels", in_channels, 1),
+        ("image_size", image_size, 1),
+        ("base_channels", base_channels, 1),
+        ("num_res_blocks", num_res_blocks, 1),
+        ("num_classes", num_classes, 0),
+        ("num_heads", num_heads, 1),
+    ):
+        if int(value) != value or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not channel_mults or any(m < 1 for m in channel_mults):
+        raise ValueError(f"channel_mults must be non-empty positive integers, got {channel_mults}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    factor = 2 ** (len(channel_mults) - 1)
+    if image_size % factor != 0:
+        raise ValueError(
+            f"image_size {image_size} is not divisible by 2**(len(channel_mults)-1) = {factor}"
+        )
+    resolutions = [image_size // 2**i for i in range(len(channel_mults))]
+    for r in attention_resolutions:
+        if r not in resolutions:
+            raise ValueError(
+                f"attention resolution {r} is never reached; feature-map sizes are {resolutions}"
+            )
+    attn_channels = {base_channels * channel_mults[-1]} | {
+        base_channels * m
+        for m, r in zip(channel_mults, resolutions, strict=True)
+        if r in attention_resolutions
+    }
+    for ch in sorted(attn_channels):
+        if ch % num_heads != 0:
+            raise ValueError(f"attention channels {ch} are not divisible by num_heads {num_heads}")
