@@ -136,10 +136,14 @@ def _load_mnist(root: Path | None, download: bool) -> tuple[Tensor, Tensor]:
             ) from exc
         pairs = _mnist_files(root)
     if not pairs:
+        wanted = ", ".join(
+            f"{split}-{kind}-ubyte[.gz]"
+            for split in _MNIST_SPLITS
+            for kind in ("images-idx3", "labels-idx1")
+        )
         raise DatasetUnavailable(
-            f"mnist idx files not found: looked for {{train,t10k}}-images-idx3-ubyte[.gz] and "
-            f"{{train,t10k}}-labels-idx1-ubyte[.gz] in {root} and {root / 'MNIST' / 'raw'}; "
-            "copy them there or pass download=True (needs a network)"
+            f"mnist idx files not found: looked for {wanted} in {root} and "
+            f"{root / 'MNIST' / 'raw'}; copy them there or pass download=True (needs a network)"
         )
     images, labels = [], []
     for img_path, lab_path in pairs:
