@@ -21,7 +21,7 @@ from diffusion_core.samplers.base import SampleResult
 from diffusion_core.samplers.ddim import ddim, ddim_invert
 from diffusion_core.samplers.ddpm import ddpm
 from diffusion_core.samplers.ode import dopri5, heun_ode, ode_velocity, rk45_ode
-from diffusion_core.samplers.sde import euler_maruyama, predictor_corrector
+from diffusion_core.samplers.sde import euler_maruyama, langevin_correct, predictor_corrector
 
 SAMPLERS: dict[str, Callable[..., SampleResult]] = {
     "ddpm": ddpm,
@@ -95,6 +95,7 @@ def generate(
 
 __all__ = [
     "SAMPLERS", "SAMPLER_SETTINGS", "SampleResult", "compatible", "ddim", "ddim_invert", "ddpm",
-    "dopri5", "euler_maruyama", "generate", "heun_ode", "ode_velocity", "predictor_corrector",
+    "dopri5", "euler_maruyama", "generate", "heun_ode", "langevin_correct", "ode_velocity",
+    "predictor_corrector",
     "rk45_ode",
 ]

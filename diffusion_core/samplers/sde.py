@@ -54,6 +54,30 @@ def euler_maruyama(
 
 
 @torch.no_grad()
+def langevin_correct(
+    denoiser: DenoiserLike,
+    x: Tensor,
+    t: Tensor,
+    *,
+    labels: Tensor | None = None,
+    rng=None,
+    snr: float = 0.16,
+    steps: int = 1,
+    a: Tensor | float = 1.0,
+) -> Tensor:
+    """Langevin corrector (Song et al. 2021, Algorithms 4-5) at a fixed time t:
+    ``eps_step = 2 a (snr ||z|| / ||score||)^2``, ``x <- x + eps_step score + sqrt(2 eps_step) z``,
+    with per-image norms (an image does not depend on its batch). Costs ``steps`` evaluations."""
+    sigma = denoiser.process.sigma(torch.as_tensor(t, dtype=torch.float64)).to(x.device, x.dtype)
+    for _ in range(steps):
+        score = score_from_eps(denoiser(x, t, labels).eps, sigma)
+        z = randn_like(x, rng)
+        step = 2 * a * (snr * _per_sample_norm(z) / _per_sample_norm(score)) ** 2
+        x = x + step * score + (2 * step).sqrt() * z
+    return x
+
+
+@torch.no_grad()
 def predictor_corrector(
     denoiser: DenoiserLike,
     process,
@@ -88,12 +112,9 @@ def predictor_corrector(
             a_s, sig_s = coeffs(process, s, x)
             a_ts = a_t / a_s
             var_ts = (sig_t**2 - a_ts**2 * sig_s**2).clamp_min(0)
-            for _ in range(corrector_steps):
-                score = score_from_eps(denoiser(x, t, labels).eps, sig_t)
-                nfe += 1
-                z = randn_like(x, rng)
-                step = 2 * a_ts**2 * (snr * _per_sample_norm(z) / _per_sample_norm(score)) ** 2
-                x = x + step * score + (2 * step).sqrt() * z
+            x = langevin_correct(denoiser, x, t, labels=labels, rng=rng, snr=snr,
+                                 steps=corrector_steps, a=a_ts**2)
+            nfe += corrector_steps
         out = denoiser(x, t, labels)
         nfe += 1
         if s <= 0:

@@ -1,0 +1,126 @@
+"""Classifier-free guidance against class-conditional Gaussian data."""
+
+import pytest
+import torch
+from torch import nn
+
+from diffusion_core.analytic import GaussianMixtureDenoiser
+from diffusion_core.denoiser import Denoiser
+from diffusion_core.guidance import ClassifierFreeGuidance
+from diffusion_core.losses import drop_labels
+from diffusion_core.processes import VPSDE, DiscreteDDPM
+from diffusion_core.samplers import SAMPLERS
+
+MEANS = torch.tensor([[-1.0, 0.5], [0.8, -0.6], [0.0, 1.0]]).reshape(3, 1, 1, 2)
+STD = 0.3
+
+
+@pytest.mark.parametrize("w", [0.0, 0.5, 2.0])
+def test_guided_eps_equals_closed_form_score(w):
+    """eps~ = -sigma [(1+w) grad log p_t(x|c) - w grad log p_t(x)], scores by autograd."""
+    p = VPSDE()
+    d = GaussianMixtureDenoiser(MEANS, STD, p)
+    guided = ClassifierFreeGuidance(d, w)
+    x = torch.randn(12, 1, 1, 2, dtype=torch.float64, requires_grad=True)
+    labels = torch.arange(12) % 3
+    t = torch.full((12,), 0.4, dtype=torch.float64)
+    grad_c = torch.autograd.grad(d.log_prob(x, t, labels).sum(), x)[0]
+    grad_u = torch.autograd.grad(d.log_prob(x, t, None).sum(), x)[0]
+    sigma = p.sigma(t[0]).item()
+    expected = -sigma * ((1 + w) * grad_c - w * grad_u)
+    out = guided(x.detach(), t, labels)
+    assert torch.allclose(out.eps.double(), expected, atol=1e-8)
+    # and x0 is consistent with eps through x = alpha x0 + sigma eps
+    alpha = p.alpha(t[0]).item()
+    assert torch.allclose(alpha * out.x0 + sigma * out.eps, x.detach(), atol=1e-10)
+
+
+@pytest.mark.parametrize("sampler,steps,kw", [("ddpm", 500, {}), ("ddim", 250, {}),
+                                              ("ode_heun", 100, {})])
+def test_w_zero_reproduces_each_class(sampler, steps, kw):
+    p = DiscreteDDPM(500)
+    guided = ClassifierFreeGuidance(GaussianMixtureDenoiser(MEANS, STD, p), 0.0)
+    n = 1500
+    labels = torch.arange(n) % 3
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(n, 1, 1, 2, generator=g)
+    x = SAMPLERS[sampler](guided, p, x_T, p.time_grid(steps), labels=labels, rng=g, **kw).x
+    for c in range(3):
+        xc = x[labels == c]
+        assert torch.allclose(xc.mean(0), MEANS[c], atol=0.05)
+        assert xc.std(0).mean().item() == pytest.approx(STD, rel=0.1)
+
+
+def test_guidance_pushes_samples_towards_their_class():
+    p = DiscreteDDPM(100)
+    d = GaussianMixtureDenoiser(MEANS, STD, p)
+    labels = torch.arange(900) % 3
+    g = torch.Generator().manual_seed(1)
+    x_T = torch.randn(900, 1, 1, 2, generator=g)
+    spread = []
+    for w in (0.0, 3.0):
+        x = SAMPLERS["ddim"](ClassifierFreeGuidance(d, w), p, x_T, p.time_grid(50),
+                             labels=labels).x
+        spread.append(torch.stack([x[labels == c].std(0).mean() for c in range(3)]).mean())
+    assert spread[1] < 0.8 * spread[0]
+
+
+def test_unconditional_call_uses_null_label():
+    p = VPSDE()
+    d = GaussianMixtureDenoiser(MEANS, STD, p)
+    x = torch.randn(6, 1, 1, 2)
+    null = torch.full((6,), 3)
+    guided = ClassifierFreeGuidance(d, 2.0)
+    assert torch.allclose(guided(x, 0.5, None).eps, d(x, 0.5, null).eps)
+
+
+class TinyConditionalNet(nn.Module):
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.num_classes, self.null_label = num_classes, num_classes
+        self.emb = nn.Embedding(num_classes + 1, 4)
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.calls = 0
+
+    def forward(self, x, t, labels=None):
+        self.calls += 1
+        if labels is None:
+            labels = torch.full((x.shape[0],), self.null_label)
+        e = self.emb(labels).sum(1).reshape(-1, 1, 1, 1)
+        return self.conv(x) * (1 + t.reshape(-1, 1, 1, 1)) + e
+
+
+def test_batched_guided_forward_equals_two_separate_forwards():
+    torch.manual_seed(0)
+    net = TinyConditionalNet()
+    p = DiscreteDDPM(100)
+    den = Denoiser(net, p, "eps")
+    x = torch.randn(5, 1, 4, 4)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    w = 1.5
+    net.calls = 0
+    out = ClassifierFreeGuidance(den, w)(x, 0.3, labels)
+    assert net.calls == 1  # one batched forward
+    cond = den(x, 0.3, labels).eps
+    uncond = den(x, 0.3, torch.full_like(labels, 3)).eps
+    assert torch.allclose(out.eps, (1 + w) * cond - w * uncond, atol=1e-6)
+
+
+def test_scale_convention():
+    p = VPSDE()
+    d = GaussianMixtureDenoiser(MEANS, STD, p)
+    assert ClassifierFreeGuidance.from_scale(d, 3.0).w == 2.0
+    with pytest.raises(ValueError, match="w must be"):
+        ClassifierFreeGuidance(d, -1.0)
+
+
+def test_label_dropout_rate_and_null_label():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (200_000,), generator=g)
+    dropped = drop_labels(labels, 0.2, 10, g)
+    frac = (dropped == 10).float().mean().item()
+    assert frac == pytest.approx(0.2, abs=0.005)
+    kept = dropped != 10
+    assert torch.equal(dropped[kept], labels[kept])
+    assert not (labels == 10).any()  # the null label is never a dataset class
+    assert torch.equal(drop_labels(labels, 0.0, 10, g), labels)
