@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import platform
 import socket
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ def train_classifier(
     seed: int,
     device: torch.device | str | None = None,
     feature_dim: int = 64,
-    max_shift: int = 1,
+    max_shift: int = 0,
     num_classes: int | None = None,
 ) -> FeatureClassifier:
     """Train a ``FeatureClassifier`` (Adam, cross-entropy); returned in eval mode on ``device``.
@@ -370,7 +371,10 @@ def fid_from_statistics(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
 ) -> float:
     """Frechet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)`` (clean-fid)."""
-    return float(cleanfid_fid.frechet_distance(mu1, sigma1, mu2, sigma2))
+    with warnings.catch_warnings():
+        # clean-fid passes scipy's deprecated ``sqrtm(disp=False)``; the value is unaffected.
+        warnings.filterwarnings("ignore", message=".*disp.*", category=DeprecationWarning)
+        return float(cleanfid_fid.frechet_distance(mu1, sigma1, mu2, sigma2))
 
 
 def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
