@@ -33,8 +33,9 @@ DATASETS: dict[str, DatasetInfo] = {
 
 SAMPLERS = ("ddpm", "ddim", "sde", "pc", "ode_heun", "ode_rk45")
 METHOD_NAME = r"^[a-z][a-z0-9_-]*$"
-# Train settings that do not change what is learned: changing them keeps checkpoints resumable.
-BOOKKEEPING_TRAIN_KEYS = ("threads_per_proc", "checkpoint_every", "keep_last", "log_every")
+# Train settings that do not change what is learned (the library makes the global batch
+# independent of nproc): changing them keeps checkpoints resumable.
+BOOKKEEPING_TRAIN_KEYS = ("nproc", "threads_per_proc", "checkpoint_every", "keep_last", "log_every")
 
 
 class _Section(BaseModel):

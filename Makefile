@@ -1,0 +1,34 @@
+# Set-up and entry points. `make run` reproduces the pipeline, `make test` lints and tests.
+# Both create .venv (python3 -m venv) and `pip install -e '.[dev]'` when the install is
+# missing or pyproject.toml changed since the last install (the stamp file).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.install-stamp
+# Stage commands call `python`: make it the project's interpreter.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test
+
+help:
+	@echo "make run   - set up .venv and reproduce the pipeline (dvc repro)"
+	@echo "make test  - set up .venv, ruff check and pytest"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/dvc repro
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -p no:cacheprovider

@@ -1,0 +1,90 @@
+"""Stage ``classifier``: train the evaluation classifier, the feature extractor of FID and KID.
+
+Writes ``models/classifier.pt`` (``{"config", "state_dict"}``), ``models/reference_features.pt``
+(clean-fid features of the train and test splits, reused by every ``evaluate``) and
+``metrics/classifier.json`` (test accuracy). Deterministic for a given seed on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from diffusion_core.checkpoint import load_checkpoint, save_atomic
+from diffusion_core.distributed import default_device
+from diffusion_core.metrics import (
+    CleanFIDFeatureExtractor,
+    FeatureClassifier,
+    classification_accuracy,
+    extract_features,
+    train_classifier,
+)
+from pipeline import paths
+from pipeline.config import Params
+from pipeline.files import file_digest, provenance, write_json
+from pipeline.prepare import load_split
+
+
+def load_classifier(device: torch.device) -> FeatureClassifier:
+    """The classifier written by this stage, in eval mode on ``device``."""
+    obj = load_checkpoint(paths.CLASSIFIER, map_location="cpu")
+    model = FeatureClassifier(**obj["config"])
+    model.load_state_dict(obj["state_dict"])
+    return model.to(device).eval()
+
+
+def features(
+    classifier: FeatureClassifier, images: torch.Tensor, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """clean-fid features ``(N, feature_dim)`` (float64) of images in ``[-1, 1]``."""
+    extractor = CleanFIDFeatureExtractor(classifier)
+    feats = extract_features(extractor, images, batch_size=batch_size, device=device)
+    return torch.from_numpy(feats)
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Train, score on the test split, cache reference features; returns the metrics record."""
+    device = default_device()
+    cfg = params.classifier
+    train_x, train_y = load_split(paths.TRAIN_DATA)
+    test_x, test_y = load_split(paths.TEST_DATA)
+    start = time.perf_counter()
+    model = train_classifier(
+        train_x,
+        train_y,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=params.seed,
+        device=device,
+        feature_dim=cfg.feature_dim,
+        num_classes=params.dataset.num_classes,
+    )
+    train_s = time.perf_counter() - start
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_atomic({"config": model.config, "state_dict": state}, paths.CLASSIFIER)
+    reference = {
+        "extractor": "classifier",
+        "classifier_digest": file_digest(paths.CLASSIFIER),
+        "train": features(model, train_x, cfg.batch_size, device),
+        "test": features(model, test_x, cfg.batch_size, device),
+    }
+    save_atomic(reference, paths.REFERENCE_FEATURES)
+    record = {
+        "test_accuracy": classification_accuracy(model, test_x, test_y, cfg.batch_size, device),
+        "train_accuracy": classification_accuracy(model, train_x, train_y, cfg.batch_size, device),
+        "n_train": int(train_x.shape[0]),
+        "n_test": int(test_x.shape[0]),
+        "feature_dim": cfg.feature_dim,
+        "train_s": round(train_s, 3),
+        "device": str(device),
+        "provenance": provenance(params),
+    }
+    write_json(paths.CLASSIFIER_METRICS, record)
+    print(
+        f"classifier: test accuracy {record['test_accuracy']:.4f} "
+        f"(train {record['train_accuracy']:.4f}) in {train_s:.1f} s"
+    )
+    return record

@@ -1,0 +1,72 @@
+"""Stage ``prepare``: load the dataset, split it by class, write ``data/prepared/``.
+
+``train.pt`` and ``test.pt`` hold ``{"images": float32 (N, C, H, W) in [-1, 1], "labels": int64}``;
+``info.json`` the shapes, class counts, content digests and provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffusion_core.checkpoint import load_checkpoint, save_atomic
+from diffusion_core.data import DatasetUnavailable, load_dataset, train_test_split
+from pipeline import paths
+from pipeline.config import Params
+from pipeline.errors import StageError
+from pipeline.files import provenance, write_json
+
+
+def tensor_digest(*tensors: Tensor) -> str:
+    """SHA-256 over the dtype, shape and bytes of tensors (independent of the file format)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_split(path: Any) -> tuple[Tensor, Tensor]:
+    """``(images, labels)`` of a split written by this stage."""
+    obj = load_checkpoint(path, map_location="cpu")
+    return obj["images"], obj["labels"]
+
+
+def _class_counts(labels: Tensor) -> dict[str, int]:
+    values, counts = torch.unique(labels, return_counts=True)
+    return {str(v): int(c) for v, c in zip(values.tolist(), counts.tolist(), strict=True)}
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Write ``data/prepared/{train,test}.pt`` and ``info.json``; returns the info record."""
+    try:
+        images, labels = load_dataset(params.data.dataset, root=params.data.root)
+    except DatasetUnavailable as exc:
+        raise StageError(f"dataset {params.data.dataset!r} unavailable: {exc}") from None
+    train_x, train_y, test_x, test_y = train_test_split(
+        images, labels, params.data.test_fraction, params.seed
+    )
+    save_atomic({"images": train_x, "labels": train_y}, paths.TRAIN_DATA)
+    save_atomic({"images": test_x, "labels": test_y}, paths.TEST_DATA)
+    info = {
+        "dataset": params.data.dataset,
+        "image_shape": list(images.shape[1:]),
+        "num_classes": int(labels.max()) + 1,
+        "n_train": int(train_x.shape[0]),
+        "n_test": int(test_x.shape[0]),
+        "train_classes": _class_counts(train_y),
+        "test_classes": _class_counts(test_y),
+        "train_digest": tensor_digest(train_x, train_y),
+        "test_digest": tensor_digest(test_x, test_y),
+        "provenance": provenance(params),
+    }
+    write_json(paths.DATA_INFO, info)
+    print(
+        f"prepared {params.data.dataset}: {info['n_train']} train / {info['n_test']} test images "
+        f"of shape {tuple(info['image_shape'])}"
+    )
+    return info

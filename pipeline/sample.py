@@ -1,0 +1,178 @@
+"""Stage ``sample --method M``: draw ``sample.n_images`` images from the EMA weights with method M.
+
+Image ``i`` starts from seed ``seed + i`` (its prior draw and all its noise), so it is the same
+for any ``sample.batch_size``, and every method sees the same seeds. A class-conditional model
+samples the labels ``classes[i % len(classes)]`` (every class in turn when ``classes`` is null),
+with classifier-free guidance (Ho & Salimans 2022) when ``guidance > 0``.
+
+Writes ``runs/samples/M/samples.pt`` (uint8 images, labels, seeds), ``reports/grids/M.png`` and
+``metrics/sample/M.json``. A sampler that does not fit the trained process is not an error: the
+metrics record says ``status: skipped`` with the reason, and the grid shows it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffusion_core.checkpoint import load_checkpoint, save_atomic
+from diffusion_core.data import to_uint8
+from diffusion_core.denoiser import Denoiser
+from diffusion_core.distributed import default_device
+from diffusion_core.guidance import ClassifierFreeGuidance
+from diffusion_core.processes import NoiseProcess, make_process
+from diffusion_core.samplers import compatible, generate
+from diffusion_core.unet import UNet
+from pipeline import paths
+from pipeline.config import Method, Params
+from pipeline.errors import StageError
+from pipeline.files import file_digest, provenance, write_bytes, write_json
+from pipeline.tracking import Tracker
+
+GRID_IMAGES = 100
+
+
+def load_model(device: torch.device) -> tuple[Denoiser, NoiseProcess, dict[str, Any]]:
+    """The EMA network of ``runs/train/model.pt`` as a denoiser, its process and the file."""
+    try:
+        m = load_checkpoint(paths.MODEL, map_location="cpu")
+    except FileNotFoundError:
+        raise StageError(f"{paths.MODEL} is missing: run the train stage first") from None
+    net = UNet(**m["model_config"])
+    net.load_state_dict(m["ema"])
+    process = make_process(**m["process"])
+    return Denoiser(net.to(device).eval(), process, m["prediction"]), process, m
+
+
+def method_labels(method: Method, n: int, num_classes: int) -> Tensor | None:
+    """Labels ``classes[i % len(classes)]`` of images ``0..n-1``; None for an unconditional net."""
+    if num_classes == 0:
+        return None
+    classes = method.classes if method.classes is not None else list(range(num_classes))
+    return torch.tensor([classes[i % len(classes)] for i in range(n)], dtype=torch.int64)
+
+
+def _grid_png(images: Tensor) -> bytes:
+    """A PNG grid (10 per row, nearest-upscaled to at least 32 px) of uint8 images."""
+    from torchvision.utils import make_grid
+
+    x = images[:GRID_IMAGES].float() / 255.0
+    scale = max(1, math.ceil(32 / x.shape[-1]))
+    x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
+    grid = make_grid(x, nrow=10, padding=2, pad_value=1.0)
+    return _png(grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def _png(array: Any) -> bytes:
+    from PIL import Image
+
+    img = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _message_png(text: str) -> bytes:
+    """A small image saying ``text`` (the grid of a skipped method)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (480, 60), color=255)
+    ImageDraw.Draw(img).multiline_text((8, 8), _wrap(text, 70), fill=0)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)[:3])
+
+
+def _skip(params: Params, name: str, method: Method, reason: str) -> dict[str, Any]:
+    print(f"skipped {name}: {reason}")
+    record = {
+        "status": "skipped",
+        "reason": reason,
+        "method": name,
+        "settings": method.model_dump(mode="json"),
+        "provenance": provenance(params),
+    }
+    write_json(paths.samples_dir(name) / "skipped.json", record)
+    write_bytes(paths.grid_path(name), _message_png(f"{name}: skipped. {reason}"))
+    write_json(paths.sample_metrics(name), record)
+    return record
+
+
+def run(params: Params, method: str) -> dict[str, Any]:
+    """Sample with one method; returns its metrics record."""
+    m = params.method(method)
+    device = default_device()
+    denoiser, process, model_file = load_model(device)
+    steps = getattr(m, "steps", None)
+    reason = compatible(m.sampler, process, steps)
+    if reason is not None:
+        return _skip(params, method, m, reason)
+    net = denoiser.net
+    guided = ClassifierFreeGuidance(denoiser, m.guidance) if m.guidance > 0 else denoiser
+    n, batch = params.sample.n_images, params.sample.batch_size
+    seeds = [params.seed + i for i in range(n)]
+    labels = method_labels(m, n, int(getattr(net, "num_classes", 0)))
+    shape = (net.in_channels, net.image_size, net.image_size)
+    kwargs: dict[str, Any] = {"spacing": getattr(m, "spacing", "uniform"), **m.settings()}
+    if steps is not None:
+        kwargs["steps"] = steps
+    chunks, nfe_total = [], 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for lo in range(0, n, batch):
+            hi = min(n, lo + batch)
+            out = generate(
+                guided,
+                process,
+                m.sampler,
+                shape=shape,
+                seeds=seeds[lo:hi],
+                labels=None if labels is None else labels[lo:hi],
+                device=device,
+                **kwargs,
+            )
+            chunks.append(to_uint8(out.x.cpu()))
+            nfe_total += out.nfe * (hi - lo)
+            print(f"{method}: {hi}/{n} images, {out.nfe} denoiser evaluations", flush=True)
+    wall_s = time.perf_counter() - start
+    images = torch.cat(chunks)
+    save_atomic(
+        {"images": images, "labels": labels, "seeds": torch.tensor(seeds), "method": method},
+        paths.samples_dir(method) / "samples.pt",
+    )
+    write_bytes(paths.grid_path(method), _grid_png(images))
+    record = {
+        "status": "ok",
+        "method": method,
+        "sampler": m.sampler,
+        "settings": m.model_dump(mode="json"),
+        "nfe": nfe_total / n,
+        "n_images": n,
+        "batch_size": batch,
+        "wall_s": round(wall_s, 3),
+        "images_per_s": n / wall_s if wall_s > 0 else None,
+        "device": device.type,
+        "seeds": {"first": seeds[0], "count": n},
+        "process": model_file["process"],
+        "model_sha256": file_digest(paths.MODEL),
+        "provenance": provenance(params),
+    }
+    write_json(paths.sample_metrics(method), record)
+    print(f"{method}: {n} images in {wall_s:.1f} s, {record['nfe']:.0f} NFE per image")
+    tracker = Tracker.reopen(paths.MLFLOW_RUN)
+    if tracker is not None:
+        metrics = {"nfe": record["nfe"], "wall_s": wall_s, "images_per_s": record["images_per_s"]}
+        tracker.log_metrics({f"{k}/{method}": v for k, v in metrics.items() if v is not None})
+        tracker.log_artifact(paths.grid_path(method), "grids")
+    return record
