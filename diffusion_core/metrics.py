@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 from cleanfid import fid as cleanfid_fid
@@ -370,11 +371,39 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def fid_from_statistics(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
 ) -> float:
-    """Frechet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)`` (clean-fid)."""
+    """Frechet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)`` (clean-fid).
+
+    clean-fid 0.1.35 calls ``scipy.linalg.sqrtm(..., disp=False)``, deprecated in SciPy 1.16 and
+    removed in 1.18; there the same formula is evaluated by ``_frechet_distance``.
+    """
     with warnings.catch_warnings():
-        # clean-fid passes scipy's deprecated ``sqrtm(disp=False)``; the value is unaffected.
         warnings.filterwarnings("ignore", message=".*disp.*", category=DeprecationWarning)
-        return float(cleanfid_fid.frechet_distance(mu1, sigma1, mu2, sigma2))
+        try:
+            return float(cleanfid_fid.frechet_distance(mu1, sigma1, mu2, sigma2))
+        except TypeError as exc:
+            if "disp" not in str(exc):
+                raise
+    return _frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+def _frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))``, clean-fid's algorithm for new SciPy."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics differ in shape: {mu1.shape}/{mu2.shape}, {sigma1.shape}")
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():  # nearly singular product: regularise as clean-fid does
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:

@@ -78,6 +78,22 @@ def test_fid_is_symmetric_and_matches_statistics_form() -> None:
     np.testing.assert_allclose(mu, f1.mean(axis=0))
 
 
+def test_fid_works_with_a_scipy_without_sqrtm_disp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SciPy 1.18 removed ``sqrtm(disp=...)``, which clean-fid 0.1.35 passes."""
+    import scipy.linalg
+
+    f1 = gaussian(400, np.zeros(3), 1.0, seed=10)
+    f2 = gaussian(300, np.full(3, 0.5), 2.0, seed=11)
+    expected = fid_from_features(f1, f2)
+    real_sqrtm = scipy.linalg.sqrtm
+
+    def sqrtm_without_disp(a: np.ndarray) -> np.ndarray:
+        return real_sqrtm(a)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm_without_disp)
+    assert fid_from_features(f1, f2) == pytest.approx(expected, rel=1e-9)
+
+
 def test_kid_separates_distributions_and_is_reproducible() -> None:
     a = gaussian(600, np.zeros(4), 1.0, seed=7)
     b = gaussian(600, np.zeros(4), 1.0, seed=8)
