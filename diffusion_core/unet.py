@@ -274,7 +274,8 @@ class UNet(nn.Module):
         h = self.mid[2](h, emb)
         for module in self.up:
             if isinstance(module, _Level):
-                h = module(torch.cat([h, skips.pop()], dim=1), emb)
+                h = torch.cat([h, skips.pop()], dim=1)  # skip connection from the down path
+                h = module(h, emb)
             else:
                 h = module(h)
         return self.conv_out(F.silu(self.norm_out(h)))
