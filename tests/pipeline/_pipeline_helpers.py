@@ -1,0 +1,36 @@
+"""Helpers for the pipeline tests: the repository's params.yaml and a tiny variant of it."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def default_raw() -> dict[str, Any]:
+    """The repository's params.yaml as a plain dict."""
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def tiny_raw() -> dict[str, Any]:
+    """params.yaml shrunk so every stage runs in seconds on a CPU."""
+    raw = copy.deepcopy(default_raw())
+    raw["process"]["num_steps"] = 100
+    raw["model"].update(base_channels=8, num_res_blocks=1, attention_resolutions=[4])
+    raw["train"].update(
+        steps=6, batch_size=16, warmup_steps=2, nproc=1, checkpoint_every=3, log_every=2
+    )
+    raw["classifier"].update(epochs=1, batch_size=256, feature_dim=16)
+    raw["sample"].update(n_images=20, batch_size=20)
+    raw["methods"] = {"ddim5": {"sampler": "ddim", "steps": 5, "eta": 0.0}}
+    raw["evaluate"].update(batch_size=256)
+    return raw
+
+
+def write_params(path: Path, raw: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path

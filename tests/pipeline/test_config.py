@@ -1,0 +1,215 @@
+"""params.yaml validation: the default file, lax numbers, one-line errors naming the key."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _pipeline_helpers import REPO, default_raw, tiny_raw, write_params
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import (
+    ParamsError,
+    flatten,
+    load_params,
+    params_hash,
+    train_config_hash,
+    validate_params,
+)
+
+Edit = Callable[[dict[str, Any]], None]
+
+
+def edited(edit: Edit) -> dict[str, Any]:
+    raw = copy.deepcopy(default_raw())
+    edit(raw)
+    return raw
+
+
+def test_default_params_validate() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert params.process.name == "ddpm"
+    assert set(params.methods) == {"ddpm", "ddim50"}
+    assert params.methods["ddim50"].settings() == {"eta": 0.0}
+    assert params.methods["ddpm"].settings() == {"variance": "posterior"}
+    assert params.sample.n_images <= params.test_size
+
+
+def test_tiny_params_validate() -> None:
+    validate_params(tiny_raw())
+
+
+def test_numbers_written_as_strings_are_accepted() -> None:
+    """`dvc exp run -S train.lr=1e-05` can leave a YAML-1.1 string behind."""
+    params = validate_params(edited(lambda r: r["train"].update(lr="1e-05", steps="10")))
+    assert params.train.lr == pytest.approx(1e-5)
+    assert params.train.steps == 10
+
+
+def _set(section: str, key: str, value: Any) -> Edit:
+    return lambda r: r[section].update({key: value})
+
+
+def _method(name: str, spec: dict[str, Any]) -> Edit:
+    return lambda r: r["methods"].update({name: spec})
+
+
+BAD: list[tuple[str, Edit, str]] = [
+    ("negative lr", _set("train", "lr", -1), "train.lr: Input should be greater than 0 (got -1)"),
+    ("unknown key", _set("train", "lrr", 1), "train.lrr: Extra inputs are not permitted"),
+    ("wrong type", _set("train", "steps", "many"), "train.steps: Input should be a valid integer"),
+    ("bad literal", _set("data", "dataset", "cifar"), "data.dataset: Input should be"),
+    ("missing section", lambda r: r.pop("train"), "train: Field required"),
+    (
+        "eta above 1",
+        _method("ddim50", {"sampler": "ddim", "steps": 5, "eta": 2}),
+        "methods.ddim50.eta",
+    ),
+    ("unknown sampler", _method("x", {"sampler": "euler", "steps": 5}), "methods.x.sampler"),
+    ("no sampler", _method("x", {"steps": 5}), "methods.x.sampler: Field required"),
+    ("bad method name", _method("Big One", {"sampler": "ddim", "steps": 5}), "methods.Big One"),
+    (
+        "setting of another sampler",
+        _method("x", {"sampler": "ddim", "steps": 5, "snr": 0.1}),
+        "methods.x.snr",
+    ),
+    (
+        "steps beyond ddpm",
+        _method("x", {"sampler": "ddim", "steps": 2000}),
+        "methods.x.steps: must not exceed process.num_steps=1000",
+    ),
+    (
+        "batch vs nproc",
+        _set("train", "nproc", 3),
+        "train.batch_size: must be divisible by train.nproc=3",
+    ),
+    ("too many images", _set("sample", "n_images", 5000), "sample.n_images: must not exceed"),
+    (
+        "beta order",
+        _set("process", "beta_end", 1e-5),
+        "process.beta_end: must exceed process.beta_start",
+    ),
+    (
+        "attention size",
+        _set("model", "attention_resolutions", [3]),
+        "model.attention_resolutions: 3 is not",
+    ),
+    (
+        "class label",
+        _method("x", {"sampler": "ddim", "steps": 5, "classes": [12]}),
+        "methods.x.classes",
+    ),
+]
+
+
+def _guidance_without_condition(raw: dict[str, Any]) -> None:
+    raw["model"]["conditional"] = False
+    raw["methods"]["ddim50"]["guidance"] = 2.0
+
+
+BAD.append(("guidance needs labels", _guidance_without_condition, "methods.ddim50.guidance"))
+
+
+@pytest.mark.parametrize(("why", "edit", "expected"), BAD, ids=[b[0] for b in BAD])
+def test_bad_values_name_the_key(why: str, edit: Edit, expected: str) -> None:
+    with pytest.raises(ParamsError) as info:
+        validate_params(edited(edit))
+    message = str(info.value)
+    assert message.startswith("params.yaml: ")
+    assert expected in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(("why", "edit", "expected"), BAD[:6], ids=[b[0] for b in BAD[:6]])
+def test_cli_exits_2_with_one_line(tmp_path: Path, why: str, edit: Edit, expected: str) -> None:
+    path = write_params(tmp_path / "params.yaml", edited(edit))
+    result = CliRunner().invoke(app, ["check-params", "--params", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1
+    assert expected in result.stderr
+    assert result.stderr.startswith(f"{path}: ")
+
+
+def test_subprocess_prints_one_line_and_no_traceback(tmp_path: Path) -> None:
+    path = write_params(tmp_path / "params.yaml", edited(_set("train", "lr", -1)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--params", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == f"{path}: train.lr: Input should be greater than 0 (got -1)\n"
+
+
+def test_unreadable_and_malformed_files_exit_2(tmp_path: Path) -> None:
+    runner = CliRunner()
+    missing = runner.invoke(app, ["prepare", "--params", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 2
+    assert "cannot read" in missing.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("seed: 0\ndata: {dataset: digits\n")
+    result = runner.invoke(app, ["prepare", "--params", str(broken)])
+    assert result.exit_code == 2
+    assert "invalid YAML at line" in result.stderr
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    assert runner.invoke(app, ["prepare", "--params", str(listing)]).exit_code == 2
+
+
+def test_unknown_method_exits_2(tiny_params_file: Path) -> None:
+    for command in ("sample", "evaluate"):
+        result = CliRunner().invoke(
+            app, [command, "--params", str(tiny_params_file), "--method", "nope"]
+        )
+        assert result.exit_code == 2
+        assert "methods: no method named 'nope' (have: ddim5)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command", ["prepare", "classifier", "train", "sample", "evaluate", "report", "check-params"]
+)
+def test_help(command: str) -> None:
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    assert "--params" in result.stdout
+
+
+def test_params_hash_ignores_formatting_but_not_values(tmp_path: Path) -> None:
+    raw = default_raw()
+    compact = tmp_path / "compact.yaml"
+    compact.write_text(__import__("json").dumps(raw))  # JSON is YAML, without comments
+    assert params_hash(load_params(compact)) == params_hash(load_params(REPO / "params.yaml"))
+    changed = edited(_set("train", "lr", 1e-3))
+    assert params_hash(validate_params(changed)) != params_hash(validate_params(raw))
+
+
+def test_train_config_hash_ignores_bookkeeping_only() -> None:
+    base = validate_params(default_raw())
+    same = validate_params(edited(lambda r: r["train"].update(log_every=7, nproc=4)))
+    other = validate_params(edited(_set("train", "lr", 1e-3)))
+    assert train_config_hash(base, "d") == train_config_hash(same, "d")
+    assert train_config_hash(base, "d") != train_config_hash(other, "d")
+    assert train_config_hash(base, "d") != train_config_hash(base, "e")
+
+
+def test_process_factory_kwargs_pick_the_named_process() -> None:
+    params = validate_params(edited(_set("process", "name", "ve")))
+    assert params.process.factory_kwargs() == {"sigma_min": 0.01, "sigma_max": 50.0, "t_min": 1e-3}
+    ddpm = validate_params(default_raw()).process.factory_kwargs()
+    assert set(ddpm) == {"num_steps", "schedule", "beta_start", "beta_end"}
+
+
+def test_flatten() -> None:
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {
+        "a.b": 1,
+        "a.c.d": [1, 2],
+        "e": None,
+    }

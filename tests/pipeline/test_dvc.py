@@ -1,0 +1,137 @@
+"""dvc.yaml agrees with the code: each stage depends on every project file its module imports,
+and writes the paths pipeline/paths.py names."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from _pipeline_helpers import REPO
+
+from pipeline import paths
+
+PACKAGES = ("pipeline", "diffusion_core")
+# Imported by the stages but with no effect on their outputs: not a reason to re-run them.
+NOT_DEPS = {"pipeline/tracking.py"}
+STAGE_MODULES = {
+    "prepare": "pipeline.prepare",
+    "classifier": "pipeline.classifier",
+    "train": "pipeline.train",
+    "sample": "pipeline.sample",
+    "evaluate": "pipeline.evaluate",
+    "report": "pipeline.report",
+}
+
+
+def module_file(name: str) -> Path | None:
+    base = REPO.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def project_imports(path: Path, package: str) -> set[str]:
+    """Dotted names of project modules imported anywhere in ``path`` (lazy imports included)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return {n for n in names if n.split(".")[0] in PACKAGES and module_file(n)}
+
+
+def closure(module: str) -> set[str]:
+    """Repository-relative files of ``module`` and every project module it imports."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = module_file(name)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        parents = [".".join(name.split(".")[:i]) for i in range(1, len(name.split(".")))]
+        todo.extend(parents)
+        todo.extend(project_imports(path, package))
+    files = {p.relative_to(REPO).as_posix() for p in seen}
+    empty_inits = {f for f in files if f.endswith("__init__.py") and not (REPO / f).read_text()}
+    return files - empty_inits - NOT_DEPS
+
+
+@pytest.fixture(scope="module")
+def stages() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def dep_paths(stage: dict[str, Any]) -> list[str]:
+    body = stage.get("do", stage)
+    return [d if isinstance(d, str) else next(iter(d)) for d in body["deps"]]
+
+
+def covered(file: str, deps: list[str]) -> bool:
+    return any(file == d or file.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
+def test_stage_depends_on_all_code_it_imports(stages: dict[str, Any], stage: str) -> None:
+    deps = dep_paths(stages[stage])
+    missing = sorted(f for f in closure(STAGE_MODULES[stage]) if not covered(f, deps))
+    assert not missing, f"add to the deps of stage {stage!r} in dvc.yaml: {missing}"
+    for dep in deps:
+        assert "${" in dep or (REPO / dep).exists() or not dep.endswith(".py"), dep
+
+
+def outs(stage: dict[str, Any]) -> set[str]:
+    body = stage.get("do", stage)
+    found = set()
+    for kind in ("outs", "metrics", "plots"):
+        for entry in body.get(kind, []):
+            found.add(entry if isinstance(entry, str) else next(iter(entry)))
+    return found
+
+
+def test_stage_outputs_match_paths_module(stages: dict[str, Any]) -> None:
+    key = "${key}"
+    expected = {
+        "prepare": {paths.PREPARED},
+        "classifier": {paths.CLASSIFIER, paths.REFERENCE_FEATURES, paths.CLASSIFIER_METRICS},
+        "train": {
+            paths.CHECKPOINTS,
+            paths.MODEL,
+            paths.MLFLOW_RUN,
+            paths.TRAIN_METRICS,
+            paths.LOSS_CSV,
+        },
+        "sample": {paths.samples_dir(key), paths.grid_path(key), paths.sample_metrics(key)},
+        "evaluate": {paths.eval_metrics(key)},
+        "report": {paths.SUMMARY, paths.SUMMARY_MD, paths.FID_VS_NFE},
+    }
+    for stage, files in expected.items():
+        assert outs(stages[stage]) == {p.as_posix() for p in files}, stage
+
+
+def test_per_method_stages_track_only_their_method(stages: dict[str, Any]) -> None:
+    for stage in ("sample", "evaluate"):
+        assert stages[stage]["foreach"] == "${methods}"
+        assert "methods" not in stages[stage]["do"]["params"]
+    assert "methods.${key}" in stages["sample"]["do"]["params"]
+
+
+def test_train_runs_under_torchrun_with_nproc_from_params(stages: dict[str, Any]) -> None:
+    cmd = stages["train"]["cmd"]
+    assert "python -m torch.distributed.run --standalone" in cmd
+    assert "--nproc-per-node=${train.nproc}" in cmd
+    assert "OMP_NUM_THREADS=${train.threads_per_proc}" in cmd
+    checkpoints = next(o for o in stages["train"]["outs"] if isinstance(o, dict))
+    assert checkpoints == {paths.CHECKPOINTS.as_posix(): {"persist": True, "cache": False}}

@@ -1,0 +1,54 @@
+"""Atomic writes and provenance records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from _pipeline_helpers import tiny_raw
+
+from pipeline.config import params_hash, validate_params
+from pipeline.files import atomic_path, file_digest, provenance, write_json, write_text
+
+
+def test_write_json_round_trips_and_creates_folders(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "x.json"
+    write_json(path, {"n": 3, "p": Path("x/y")})
+    assert json.loads(path.read_text()) == {"n": 3, "p": "x/y"}
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
+    path = tmp_path / "x.txt"
+    write_text(path, "good")
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert path.read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_unserialisable_json_keeps_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    write_json(path, {"ok": 1})
+    with pytest.raises(TypeError):
+        write_json(path, {"bad": object()})
+    assert json.loads(path.read_text()) == {"ok": 1}
+
+
+def test_file_digest_is_sha256(tmp_path: Path) -> None:
+    path = tmp_path / "x"
+    path.write_bytes(b"abc")
+    assert file_digest(path) == ("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+
+
+def test_provenance_names_params_seed_versions_and_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DVC_STAGE", "sample@ddim5")
+    params = validate_params(tiny_raw())
+    record = provenance(params, extra_key=1)
+    assert record["params_hash"] == params_hash(params)
+    assert record["seed"] == params.seed
+    assert record["dvc_stage"] == "sample@ddim5"
+    assert {"python", "torch", "numpy"} <= set(record["versions"])
+    assert "git_commit" in record
+    assert record["extra_key"] == 1

@@ -1,0 +1,163 @@
+"""The stages in-process on a tiny config: files, per-image seeds, skips, metrics, report."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _pipeline_helpers import tiny_raw
+
+from diffusion_core.checkpoint import load_checkpoint
+from diffusion_core.metrics import inception_weights_path
+from pipeline import classifier, evaluate, paths, prepare, report, sample, train
+from pipeline.config import Params, validate_params
+from pipeline.errors import StageError
+
+
+def params_with(**methods: dict[str, Any]) -> Params:
+    raw = tiny_raw()
+    raw["methods"].update(methods)
+    return validate_params(raw)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """prepare, classifier and train (6 steps) run once in a temporary working directory."""
+    root = tmp_path_factory.mktemp("workspace")
+    with pytest.MonkeyPatch.context() as mp, contextlib.chdir(root):
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("DVC_ROOT", str(root))
+        params = params_with()
+        prepare.run(params)
+        classifier.run(params)
+        train.run(params)
+        yield root
+
+
+def read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def test_prepare_splits_every_image_once_by_class(workspace: Path) -> None:
+    info = read(workspace / paths.DATA_INFO)
+    assert info["n_train"] + info["n_test"] == 1797
+    for cls, n_test in info["test_classes"].items():
+        n = n_test + info["train_classes"][cls]
+        assert n_test == round(n * 0.25)
+    train_x, train_y = prepare.load_split(workspace / paths.TRAIN_DATA)
+    assert train_x.shape == (info["n_train"], 1, 8, 8) and train_x.dtype == torch.float32
+    assert info["train_digest"] == prepare.tensor_digest(train_x, train_y)
+
+
+def test_prepare_is_deterministic(workspace: Path) -> None:
+    before = read(workspace / paths.DATA_INFO)
+    prepare.run(params_with())
+    after = read(workspace / paths.DATA_INFO)
+    assert after["train_digest"] == before["train_digest"]
+    assert after["test_digest"] == before["test_digest"]
+
+
+def test_classifier_writes_model_metrics_and_reference_features(workspace: Path) -> None:
+    record = read(workspace / paths.CLASSIFIER_METRICS)
+    assert 0.1 < record["test_accuracy"] <= 1.0  # better than chance after one epoch
+    ref = load_checkpoint(workspace / paths.REFERENCE_FEATURES)
+    assert ref["train"].shape == (record["n_train"], 16)
+    assert ref["test"].shape == (record["n_test"], 16)
+
+
+def test_train_writes_model_loss_curve_metrics_and_run_link(workspace: Path) -> None:
+    model = load_checkpoint(workspace / paths.MODEL)
+    assert model["step"] == 6 and "ema" in model
+    lines = (workspace / paths.LOSS_CSV).read_text().splitlines()
+    assert lines[0] == "step,loss,lr,grad_norm"
+    assert [int(line.split(",")[0]) for line in lines[1:]] == [2, 4, 6]
+    record = read(workspace / paths.TRAIN_METRICS)
+    assert record["steps"] == 6 and record["world_size"] == 1
+    link = read(workspace / paths.MLFLOW_RUN)
+    assert len(link["run_id"]) == 32
+
+
+def test_train_again_resumes_from_the_final_checkpoint(workspace: Path) -> None:
+    with contextlib.chdir(workspace):
+        result = train.run(params_with())
+    assert result.resumed and result.step == 6
+    lines = (workspace / paths.LOSS_CSV).read_text().splitlines()
+    assert len(lines) == 4  # the loss history survives the resume
+
+
+def test_image_i_does_not_depend_on_the_batch_size(workspace: Path) -> None:
+    spec = {"sampler": "ddim", "steps": 3, "eta": 1.0}
+    outputs = []
+    for batch in (20, 7):
+        raw = tiny_raw()
+        raw["sample"]["batch_size"] = batch
+        raw["methods"] = {"ddim3": spec}
+        with contextlib.chdir(workspace):
+            record = sample.run(validate_params(raw), "ddim3")
+        outputs.append(load_checkpoint(workspace / paths.samples_dir("ddim3") / "samples.pt"))
+        assert record["nfe"] == 3
+    first, second = outputs
+    assert first["images"].dtype == torch.uint8 and first["images"].shape == (20, 1, 8, 8)
+    assert torch.equal(first["images"], second["images"])
+    assert first["labels"].tolist() == [i % 10 for i in range(20)]
+    assert first["seeds"].tolist() == list(range(20))
+    assert (workspace / paths.grid_path("ddim3")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_classes_and_guidance(workspace: Path) -> None:
+    spec = {"sampler": "ddim", "steps": 2, "guidance": 2.0, "classes": [3, 5]}
+    with contextlib.chdir(workspace):
+        sample.run(params_with(guided=spec), "guided")
+    out = load_checkpoint(workspace / paths.samples_dir("guided") / "samples.pt")
+    assert out["labels"].tolist() == [3, 5] * 10
+
+
+def test_incompatible_sampler_is_recorded_as_skipped(workspace: Path) -> None:
+    params = params_with(pc1={"sampler": "pc", "steps": 1})
+    with contextlib.chdir(workspace):
+        record = sample.run(params, "pc1")
+        scored = evaluate.run(params, "pc1")
+    assert record["status"] == "skipped" and "2 steps" in record["reason"]
+    assert read(workspace / paths.sample_metrics("pc1"))["status"] == "skipped"
+    assert (workspace / paths.grid_path("pc1")).is_file()
+    assert scored["status"] == "skipped"
+
+
+def test_evaluate_and_report(workspace: Path) -> None:
+    params = params_with()
+    with contextlib.chdir(workspace):
+        sample.run(params, "ddim5")
+        record = evaluate.run(params, "ddim5")
+        summary = report.run(params)
+    assert record["fid_classifier"] > record["fid_floor_classifier"] > 0
+    assert 0.0 <= record["class_accuracy"] <= 1.0
+    assert {"kid_classifier", "kid_floor_classifier"} <= set(record)
+    assert read(workspace / paths.eval_metrics("ddim5")) == json.loads(json.dumps(record))
+    row = summary["methods"]["ddim5"]
+    assert row["nfe"] == 5 and row["fid"] == record["fid_classifier"]
+    table = (workspace / paths.SUMMARY_MD).read_text()
+    assert "| ddim5 | ddim | 5 |" in table
+    csv = (workspace / paths.FID_VS_NFE).read_text().splitlines()
+    assert csv[0] == "method,sampler,nfe,fid,fid_floor,extractor"
+    assert csv[1].startswith("ddim5,ddim,5,")
+
+
+@pytest.mark.skipif(inception_weights_path().is_file(), reason="Inception weights are present")
+def test_inception_without_weights_is_a_one_line_stage_error(workspace: Path) -> None:
+    raw = tiny_raw()
+    raw["evaluate"]["extractor"] = "inception"
+    with contextlib.chdir(workspace):
+        sample.run(validate_params(raw), "ddim5")
+        with pytest.raises(StageError, match="evaluate.extractor=inception: .*weights missing"):
+            evaluate.run(validate_params(raw), "ddim5")
+
+
+def test_report_needs_every_method(workspace: Path) -> None:
+    params = params_with(never={"sampler": "ddim", "steps": 2})
+    with contextlib.chdir(workspace), pytest.raises(StageError, match="sample@never"):
+        report.run(params)
