@@ -24,11 +24,12 @@ class DatasetInfo(NamedTuple):
     image_size: int
     channels: int
     num_classes: int
+    pixel_levels: int  # distinct pixel values (bits/dim are reported on this scale)
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "digits": DatasetInfo(size=1797, image_size=8, channels=1, num_classes=10),
-    "mnist": DatasetInfo(size=70000, image_size=28, channels=1, num_classes=10),
+    "digits": DatasetInfo(size=1797, image_size=8, channels=1, num_classes=10, pixel_levels=17),
+    "mnist": DatasetInfo(size=70000, image_size=28, channels=1, num_classes=10, pixel_levels=256),
 }
 
 SAMPLERS = ("ddpm", "ddim", "sde", "pc", "ode_heun", "ode_rk45")
@@ -253,6 +254,11 @@ def _cross_field_errors(p: Params) -> list[str]:
         errors.append(
             f"evaluate.bpd_images: must not exceed the {p.test_size} test images "
             f"(got {p.evaluate.bpd_images})"
+        )
+    if p.evaluate.bpd_images > 0 and not any(m.sampler == "ode_rk45" for m in p.methods.values()):
+        errors.append(
+            "evaluate.bpd_images: bits/dim are computed for ode_rk45 methods (their rtol/atol "
+            f"set the ODE solver) and there is none (got {p.evaluate.bpd_images})"
         )
     for name, m in p.methods.items():
         key = f"methods.{name}"

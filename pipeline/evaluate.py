@@ -9,6 +9,10 @@
 * ``kid_<extractor>`` and ``kid_floor_<extractor>``: KID (Binkowski et al. 2018), unbiased.
 * ``class_accuracy``: for a conditional model, the fraction of samples the evaluation classifier
   assigns to the class they were asked for.
+* ``bpd``: for ``ode_rk45`` methods when ``evaluate.bpd_images > 0``, the negative
+  log-likelihood in bits/dim of that many test images under the probability-flow ODE with the
+  method's tolerances (Song et al. 2021, Sec. 4.3), unconditional (null label), uniformly
+  dequantised on the dataset's pixel levels; image ``i`` uses seed ``seed + i``.
 
 Writes ``metrics/eval/M.json`` and logs ``<metric>/M`` to the training run in MLflow.
 """
@@ -23,6 +27,7 @@ import torch
 from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.data import from_uint8
 from diffusion_core.distributed import default_device
+from diffusion_core.likelihood import bits_per_dim
 from diffusion_core.metrics import (
     classification_accuracy,
     extract_features,
@@ -32,10 +37,11 @@ from diffusion_core.metrics import (
 )
 from pipeline import paths
 from pipeline.classifier import features, load_classifier
-from pipeline.config import Params, ParamsError
+from pipeline.config import Params, ParamsError, RK45Method
 from pipeline.errors import StageError
 from pipeline.files import provenance, read_json, write_json
 from pipeline.prepare import load_split
+from pipeline.sample import load_model
 from pipeline.tracking import Tracker
 
 
@@ -75,6 +81,30 @@ def _inception(images: torch.Tensor, params: Params, device: torch.device) -> np
     )
 
 
+def _bits_per_dim(params: Params, method: str, device: torch.device) -> dict[str, float]:
+    """Mean and spread of bits/dim of the first ``evaluate.bpd_images`` test images."""
+    m = params.methods[method]
+    count = params.evaluate.bpd_images
+    if count == 0 or not isinstance(m, RK45Method):
+        return {}
+    denoiser, process, _ = load_model(device)
+    test_x, _ = load_split(paths.TEST_DATA)
+    top = params.dataset.pixel_levels - 1
+    levels = ((test_x[:count] + 1.0) / 2.0 * top).round().long().clamp(0, top)
+    values, nfe = [], 0
+    for lo in range(0, levels.shape[0], params.evaluate.batch_size):
+        chunk = levels[lo : lo + params.evaluate.batch_size].to(device)
+        seeds = [params.seed + i for i in range(lo, lo + chunk.shape[0])]
+        bpd, used = bits_per_dim(
+            denoiser, process, chunk, top + 1, seeds=seeds, rtol=m.rtol, atol=m.atol
+        )
+        values.append(bpd.detach().double().cpu())
+        nfe = max(nfe, used)
+    bpd = torch.cat(values)
+    spread = float(bpd.std()) if bpd.numel() > 1 else 0.0
+    return {"bpd": float(bpd.mean()), "bpd_std": spread, "bpd_nfe": float(nfe)}
+
+
 def _skipped(params: Params, method: str, sample_record: dict[str, Any]) -> dict[str, Any]:
     record = {
         "status": "skipped",
@@ -111,6 +141,7 @@ def run(params: Params, method: str) -> dict[str, Any]:
         f"kid_{name}": kid_from_features(sample_f, train_f, seed=params.seed),
         f"kid_floor_{name}": kid_from_features(test_f, train_f, seed=params.seed),
     }
+    metrics.update(_bits_per_dim(params, method, device))
     labels = samples.get("labels")
     if labels is not None:
         metrics["class_accuracy"] = classification_accuracy(

@@ -147,6 +147,19 @@ def test_evaluate_and_report(workspace: Path) -> None:
     assert csv[1].startswith("ddim5,ddim,5,")
 
 
+def test_bits_per_dim_for_ode_methods(workspace: Path) -> None:
+    raw = tiny_raw()
+    raw["methods"] = {"rk": {"sampler": "ode_rk45", "rtol": 1e-2, "atol": 1e-2}}
+    raw["sample"]["n_images"] = 4
+    raw["evaluate"].update(bpd_images=3, batch_size=2)
+    params = validate_params(raw)
+    with contextlib.chdir(workspace):
+        sample.run(params, "rk")
+        record = evaluate.run(params, "rk")
+    assert 0.0 < record["bpd"] < 50.0 and record["bpd_std"] >= 0.0
+    assert record["bpd_nfe"] > 0
+
+
 @pytest.mark.skipif(inception_weights_path().is_file(), reason="Inception weights are present")
 def test_inception_without_weights_is_a_one_line_stage_error(workspace: Path) -> None:
     raw = tiny_raw()
