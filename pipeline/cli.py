@@ -123,6 +123,41 @@ def report(params: ParamsOption = DEFAULT_PARAMS) -> None:
     _run(run, params)
 
 
+@app.command()
+def encode(
+    params: ParamsOption = DEFAULT_PARAMS,
+    method: MethodOption = ...,
+    out: Annotated[Path, typer.Option(help="Where to write the latents.")] = Path(
+        "runs/latents.pt"
+    ),
+    source: Annotated[
+        Path | None,
+        typer.Option(help="Images to encode: a samples.pt or split .pt (default: the test split)."),
+    ] = None,
+    count: Annotated[int, typer.Option(help="How many images (the first ones).")] = 16,
+) -> None:
+    """Encode images into latents x_T by DDIM inversion on a ddim method's time grid."""
+    from pipeline.codec import encode as run
+
+    _run(run, params, method=method, out=out, source=source, count=count)
+
+
+@app.command()
+def decode(
+    params: ParamsOption = DEFAULT_PARAMS,
+    latents: Annotated[Path, typer.Option(help="Latents written by `encode`.")] = Path(
+        "runs/latents.pt"
+    ),
+    out: Annotated[Path, typer.Option(help="Where to write the images (and OUT.png).")] = Path(
+        "runs/decoded.pt"
+    ),
+) -> None:
+    """Decode latents back into images with DDIM (eta = 0); prints the round-trip error."""
+    from pipeline.codec import decode as run
+
+    _run(run, params, latents=latents, out=out)
+
+
 @app.command("check-params")
 def check_params(params: ParamsOption = DEFAULT_PARAMS) -> None:
     """Validate the parameters file and print its hash (exit 2 with the problem if invalid)."""

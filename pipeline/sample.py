@@ -57,7 +57,7 @@ def method_labels(method: Method, n: int, num_classes: int) -> Tensor | None:
     return torch.tensor([classes[i % len(classes)] for i in range(n)], dtype=torch.int64)
 
 
-def _grid_png(images: Tensor) -> bytes:
+def grid_png(images: Tensor) -> bytes:
     """A PNG grid (10 per row, nearest-upscaled to at least 32 px) of uint8 images."""
     from torchvision.utils import make_grid
 
@@ -151,7 +151,7 @@ def run(params: Params, method: str) -> dict[str, Any]:
         {"images": images, "labels": labels, "seeds": torch.tensor(seeds), "method": method},
         paths.samples_dir(method) / "samples.pt",
     )
-    write_bytes(paths.grid_path(method), _grid_png(images))
+    write_bytes(paths.grid_path(method), grid_png(images))
     record = {
         "status": "ok",
         "method": method,

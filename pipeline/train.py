@@ -157,7 +157,9 @@ def run(params: Params) -> TrainResult:
             print(f"note: train.nproc={params.train.nproc} but {dist.world_size} process(es) run")
         images, labels = load_split(paths.TRAIN_DATA)
         config_hash = train_config_hash(params, tensor_digest(images, labels))
-        net = build_unet(params)
+        with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only
+            torch.manual_seed(params.seed)
+            net = build_unet(params)
         process = make_process(params.process.name, **params.process.factory_kwargs())
         cfg = train_config(params)
         if cfg.batch_size > images.shape[0]:

@@ -174,7 +174,18 @@ def test_unknown_method_exits_2(tiny_params_file: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", ["prepare", "classifier", "train", "sample", "evaluate", "report", "check-params"]
+    "command",
+    [
+        "prepare",
+        "classifier",
+        "train",
+        "sample",
+        "evaluate",
+        "report",
+        "encode",
+        "decode",
+        "check-params",
+    ],
 )
 def test_help(command: str) -> None:
     result = CliRunner().invoke(app, [command, "--help"])

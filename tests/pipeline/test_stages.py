@@ -14,8 +14,8 @@ from _pipeline_helpers import tiny_raw
 
 from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.metrics import inception_weights_path
-from pipeline import classifier, evaluate, paths, prepare, report, sample, train
-from pipeline.config import Params, validate_params
+from pipeline import classifier, codec, evaluate, paths, prepare, report, sample, train
+from pipeline.config import Params, ParamsError, validate_params
 from pipeline.errors import StageError
 
 
@@ -88,6 +88,16 @@ def test_train_again_resumes_from_the_final_checkpoint(workspace: Path) -> None:
     assert result.resumed and result.step == 6
     lines = (workspace / paths.LOSS_CSV).read_text().splitlines()
     assert len(lines) == 4  # the loss history survives the resume
+
+
+def test_training_is_reproducible(workspace: Path, tmp_path: Path) -> None:
+    """Same params and data, fresh directory: the same weights (initialisation included)."""
+    (tmp_path / "data").symlink_to(workspace / "data")
+    with contextlib.chdir(tmp_path):
+        train.run(params_with())
+    first = load_checkpoint(workspace / paths.MODEL)["ema"]
+    second = load_checkpoint(tmp_path / paths.MODEL)["ema"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_image_i_does_not_depend_on_the_batch_size(workspace: Path) -> None:
@@ -174,3 +184,22 @@ def test_report_needs_every_method(workspace: Path) -> None:
     params = params_with(never={"sampler": "ddim", "steps": 2})
     with contextlib.chdir(workspace), pytest.raises(StageError, match="sample@never"):
         report.run(params)
+
+
+def test_ddim_inversion_round_trip_improves_with_steps(workspace: Path) -> None:
+    params = params_with(
+        fine={"sampler": "ddim", "steps": 100}, coarse={"sampler": "ddim", "steps": 2}
+    )
+    errors = {}
+    with contextlib.chdir(workspace):
+        for name in ("coarse", "fine"):
+            enc = codec.encode(params, name, Path(f"runs/{name}.pt"), count=4)
+            assert enc["latents"].shape == (4, 1, 8, 8) and enc["nfe"] == params.methods[name].steps
+            errors[name] = codec.decode(
+                params, Path(f"runs/{name}.pt"), Path(f"runs/{name}-dec.pt")
+            )["mse"]
+        assert Path("runs/fine-dec.png").is_file()
+        with pytest.raises(ParamsError, match="methods.pc1.sampler: encode/decode need a ddim"):
+            codec.encode(params_with(pc1={"sampler": "pc", "steps": 3}), "pc1", Path("x.pt"))
+    assert errors["fine"] < errors["coarse"]
+    assert errors["fine"] < 0.01 * errors["coarse"]
