@@ -205,20 +205,17 @@ def run(params: Params) -> TrainResult:
         )
         wall_s = time.perf_counter() - start
         if result.interrupted:
-            if tracker is not None:
-                tracker.finish("KILLED")
             raise StageInterruptedError(result.signal or 2)
         if dist.is_main:
             assert log is not None
             _finish(params, result, log, tracker, config_hash, dist, wall_s)
         return result
-    except FloatingPointError as exc:
+    except BaseException as exc:
         if tracker is not None:
-            tracker.finish("FAILED")
-        raise StageError(str(exc)) from None
-    except BaseException:
-        if tracker is not None and tracker.enabled:
-            tracker.finish("FAILED")
+            stopped = isinstance(exc, StageInterruptedError | KeyboardInterrupt)
+            tracker.finish("KILLED" if stopped else "FAILED")
+        if isinstance(exc, FloatingPointError):  # the library's NaN guard: a one-line failure
+            raise StageError(str(exc)) from None
         raise
     finally:
         cleanup()

@@ -203,3 +203,34 @@ def test_ddim_inversion_round_trip_improves_with_steps(workspace: Path) -> None:
             codec.encode(params_with(pc1={"sampler": "pc", "steps": 3}), "pc1", Path("x.pt"))
     assert errors["fine"] < errors["coarse"]
     assert errors["fine"] < 0.01 * errors["coarse"]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "exit_code", "status"),
+    [("interrupted", 143, "KILLED"), ("nan", 1, "FAILED")],
+)
+def test_train_interrupt_and_nan_exit_codes_and_run_status(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch, outcome: str, exit_code: int, status: str
+) -> None:
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from diffusion_core.training import TrainResult
+    from pipeline.cli import app
+
+    def fake_train(*args: Any, **kwargs: Any) -> TrainResult:
+        if outcome == "nan":
+            raise FloatingPointError("non-finite loss nan at step 3")
+        return TrainResult(3, 0.5, None, None, resumed=False, interrupted=True, signal=15)
+
+    monkeypatch.setattr(train, "train", fake_train)
+    params_file = workspace / "tiny.yaml"
+    params_file.write_text(json.dumps(tiny_raw()))
+    with contextlib.chdir(workspace):
+        result = CliRunner().invoke(app, ["train", "--params", str(params_file)])
+    assert result.exit_code == exit_code
+    assert result.stderr.count("\n") == 1
+    link = next((workspace / paths.CHECKPOINTS).glob("mlflow-*.json"))
+    run_id = json.loads(link.read_text())["run_id"]
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == status
