@@ -120,10 +120,13 @@ class _Method(_Section):
     classes: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, min_length=1, description="labels to sample, cycled; null = every class equally"
     )
+    unconditional: bool = Field(
+        False, description="sample a conditional network with its null label (no class labels)"
+    )
 
     def settings(self) -> dict[str, Any]:
         """The sampler-specific keyword arguments of ``samplers.generate``."""
-        common = {"sampler", "guidance", "classes", "steps", "spacing"}
+        common = {"sampler", "guidance", "classes", "unconditional", "steps", "spacing"}
         return {k: v for k, v in self.model_dump().items() if k not in common}
 
 
@@ -267,6 +270,16 @@ def _cross_field_errors(p: Params) -> list[str]:
             errors.append(
                 f"{key}.steps: must not exceed process.num_steps={pr.num_steps} for the "
                 f"discrete DDPM process (got {steps})"
+            )
+        if m.unconditional and m.guidance > 0:
+            errors.append(
+                f"{key}.unconditional: cannot be combined with classifier-free guidance, which "
+                f"needs class labels; set guidance: 0 (got guidance={m.guidance})"
+            )
+        if m.unconditional and m.classes is not None:
+            errors.append(
+                f"{key}.unconditional: samples with the null label, so it takes no classes; "
+                f"set classes: null (got classes={m.classes})"
             )
         if m.guidance > 0 and not p.model.conditional:
             errors.append(

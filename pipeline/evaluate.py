@@ -7,8 +7,9 @@
 * ``fid_floor_<extractor>``: the same FID for ``n`` held-out test images, the value a perfect
   model would reach with ``n = sample.n_images`` images (FID is biased upwards for small n).
 * ``kid_<extractor>`` and ``kid_floor_<extractor>``: KID (Binkowski et al. 2018), unbiased.
-* ``class_accuracy``: for a conditional model, the fraction of samples the evaluation classifier
-  assigns to the class they were asked for.
+* ``class_accuracy``: for samples drawn with class labels (a conditional model, not an
+  ``unconditional`` method), the fraction the evaluation classifier assigns to the class they
+  were asked for.
 * ``bpd``: for ``ode_rk45`` methods when ``evaluate.bpd_images > 0``, the negative
   log-likelihood in bits/dim of that many test images under the probability-flow ODE with the
   method's tolerances (Song et al. 2021, Sec. 4.3), unconditional (null label), uniformly

@@ -3,7 +3,9 @@
 Image ``i`` starts from seed ``seed + i`` (its prior draw and all its noise), so it is the same
 for any ``sample.batch_size``, and every method sees the same seeds. A class-conditional model
 samples the labels ``classes[i % len(classes)]`` (every class in turn when ``classes`` is null),
-with classifier-free guidance (Ho & Salimans 2022) when ``guidance > 0``.
+with classifier-free guidance (Ho & Salimans 2022) when ``guidance > 0``. A method with
+``unconditional: true`` samples the same network with ``labels=None``, which the U-Net maps to
+its null label (the unconditional model that label dropout trained); it stores no labels.
 
 Writes ``runs/samples/M/samples.pt`` (uint8 images, labels, seeds), ``reports/grids/M.png`` and
 ``metrics/sample/M.json``. A sampler that does not fit the trained process is not an error: the
@@ -50,8 +52,9 @@ def load_model(device: torch.device) -> tuple[Denoiser, NoiseProcess, dict[str, 
 
 
 def method_labels(method: Method, n: int, num_classes: int) -> Tensor | None:
-    """Labels ``classes[i % len(classes)]`` of images ``0..n-1``; None for an unconditional net."""
-    if num_classes == 0:
+    """Labels ``classes[i % len(classes)]`` of images ``0..n-1``; None (the null label) for an
+    unconditional net or an ``unconditional`` method."""
+    if num_classes == 0 or method.unconditional:
         return None
     classes = method.classes if method.classes is not None else list(range(num_classes))
     return torch.tensor([classes[i % len(classes)] for i in range(n)], dtype=torch.int64)
@@ -157,6 +160,7 @@ def run(params: Params, method: str) -> dict[str, Any]:
         "method": method,
         "sampler": m.sampler,
         "settings": m.model_dump(mode="json"),
+        "conditional": labels is not None,
         "nfe": nfe_total / n,
         "n_images": n,
         "batch_size": batch,

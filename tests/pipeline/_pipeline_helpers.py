@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,17 @@ def tiny_raw() -> dict[str, Any]:
     raw["classifier"].update(epochs=1, batch_size=256, feature_dim=16)
     raw["sample"].update(n_images=20, batch_size=20)
     raw["methods"] = {"ddim5": {"sampler": "ddim", "steps": 5, "eta": 0.0}}
-    raw["evaluate"].update(batch_size=256)
+    raw["evaluate"].update(batch_size=256, bpd_images=0)
     return raw
 
 
 def write_params(path: Path, raw: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def copy_code(root: Path) -> None:
+    """Copy the project's packages into ``root``, so ``python -m pipeline`` run there uses them."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for package in ("pipeline", "diffusion_core"):
+        shutil.copytree(REPO / package, root / package, ignore=ignore)

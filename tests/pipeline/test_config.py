@@ -35,7 +35,7 @@ def edited(edit: Edit) -> dict[str, Any]:
 def test_default_params_validate() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.process.name == "ddpm"
-    assert set(params.methods) == {"ddpm", "ddim50"}
+    assert {"ddpm", "ddim50"} <= set(params.methods)
     assert params.methods["ddim50"].settings() == {"eta": 0.0}
     assert params.methods["ddpm"].settings() == {"variance": "posterior"}
     assert params.sample.n_images <= params.test_size
@@ -114,6 +114,29 @@ def _guidance_without_condition(raw: dict[str, Any]) -> None:
 
 
 BAD.append(("guidance needs labels", _guidance_without_condition, "methods.ddim50.guidance"))
+BAD += [
+    (
+        "unconditional with guidance",
+        _method("u", {"sampler": "ddim", "steps": 5, "unconditional": True, "guidance": 2.0}),
+        "methods.u.unconditional: cannot be combined with classifier-free guidance",
+    ),
+    (
+        "unconditional with classes",
+        _method("u", {"sampler": "ddim", "steps": 5, "unconditional": True, "classes": [3]}),
+        "methods.u.unconditional: samples with the null label, so it takes no classes",
+    ),
+]
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_unconditional_method_is_allowed_and_not_a_sampler_setting(conditional: bool) -> None:
+    raw = tiny_raw()
+    raw["model"]["conditional"] = conditional  # on an unconditional model it is a no-op
+    raw["methods"]["u"] = {"sampler": "ddim", "steps": 5, "eta": 0.5, "unconditional": "true"}
+    params = validate_params(raw)
+    assert params.methods["u"].unconditional is True
+    assert params.methods["u"].settings() == {"eta": 0.5}
+    assert params.methods["ddim5"].unconditional is False
 
 
 @pytest.mark.parametrize(("why", "edit", "expected"), BAD, ids=[b[0] for b in BAD])
