@@ -24,6 +24,9 @@ TRAIN_METRICS = Path("metrics/train.json")
 SUMMARY = Path("metrics/summary.json")
 SUMMARY_MD = Path("reports/summary.md")
 FID_VS_NFE = Path("reports/fid_vs_nfe.csv")
+FID_VS_NFE_PNG = Path("reports/fid_vs_nfe.png")
+GUIDANCE_TRADEOFF = Path("reports/guidance_tradeoff.csv")
+GUIDANCE_TRADEOFF_PNG = Path("reports/guidance_tradeoff.png")
 
 
 def samples_dir(method: str) -> Path:

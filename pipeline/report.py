@@ -1,8 +1,20 @@
-"""Stage ``report``: one table across the sampling methods in ``params.yaml``.
+"""Stage ``report``: one table across the sampling methods in ``params.yaml``, and two trade-offs.
 
-Writes ``metrics/summary.json``, the markdown table ``reports/summary.md`` and
-``reports/fid_vs_nfe.csv`` (``method,sampler,nfe,fid,fid_floor,extractor`` for ``dvc plots``),
-and attaches the table to the MLflow run.
+Writes ``metrics/summary.json``, the markdown table ``reports/summary.md``, and for ``dvc plots``
+and MLflow:
+
+* ``reports/fid_vs_nfe.csv`` (``method,sampler,nfe,fid,fid_floor,extractor``) and
+  ``reports/fid_vs_nfe.png``: sample quality against cost.
+* ``reports/guidance_tradeoff.csv`` (``method,sampler,steps,guidance,fid,class_accuracy``, sorted
+  by guidance) and ``reports/guidance_tradeoff.png``: classifier-free guidance (Ho & Salimans
+  2022) trades diversity (FID) for class fidelity (class accuracy) as ``w`` grows. The rows are
+  the *guidance families*: every method with ``guidance > 0`` and each conditional method that
+  differs from it only in ``guidance`` (``w = 0`` included), scored with class accuracy.
+
+The CSVs and PNGs are attached to the MLflow run, with metrics ``guidance_fid`` and
+``guidance_class_accuracy`` at ``step = round(100 w)`` so the UI charts the trade-off curve (for
+the first family in ``params.yaml``; further families log ``guidance_fid/<family>``, named after
+their first guided method).
 """
 
 from __future__ import annotations
@@ -12,8 +24,13 @@ from typing import Any
 from pipeline import paths
 from pipeline.config import Params
 from pipeline.errors import StageError
-from pipeline.files import provenance, read_json, write_json, write_text
+from pipeline.figures import fid_vs_nfe_png, guidance_tradeoff_png
+from pipeline.files import provenance, read_json, write_bytes, write_json, write_text
 from pipeline.tracking import Tracker
+
+# The settings that may differ inside a guidance family (the rest must match).
+FAMILY_FREE_KEYS = ("guidance",)
+GUIDANCE_COLUMNS = ("method", "sampler", "steps", "guidance", "fid", "class_accuracy")
 
 COLUMNS = (
     ("method", "method"),
@@ -49,6 +66,7 @@ def method_row(params: Params, name: str) -> dict[str, Any]:
         "sampler": method.sampler,
         "steps": getattr(method, "steps", None),
         "guidance": method.guidance,
+        "unconditional": method.unconditional,
         "status": status,
         "reason": scored.get("reason") or sampled.get("reason"),
         "extractor": ext,
@@ -59,6 +77,72 @@ def method_row(params: Params, name: str) -> dict[str, Any]:
         "class_accuracy": scored.get("class_accuracy"),
         "images_per_s": sampled.get("images_per_s"),
     }
+
+
+def guidance_families(params: Params, rows: list[dict[str, Any]]) -> dict[str, list[dict]]:
+    """Rows of each guidance family, keyed by the family's first guided method (params order).
+
+    A family is the methods whose settings equal a guided method's in everything but
+    ``guidance``; members need ``status: ok`` and a class accuracy (so ``unconditional``
+    methods never enter). Each family is sorted by guidance, then method name.
+    """
+    by_name = {r["method"]: r for r in rows}
+
+    def key(name: str) -> str:
+        spec = params.methods[name].model_dump(mode="json", exclude=set(FAMILY_FREE_KEYS))
+        return repr(sorted(spec.items()))
+
+    families: dict[str, tuple[str, list[dict[str, Any]]]] = {}
+    for name, method in params.methods.items():
+        if method.guidance > 0 and key(name) not in families:
+            families[key(name)] = (name, [])
+    for name in params.methods:
+        row = by_name[name]
+        family = families.get(key(name))
+        if family is not None and row["status"] == "ok" and row["class_accuracy"] is not None:
+            family[1].append(row)
+    return {
+        first: sorted(members, key=lambda r: (r["guidance"], r["method"]))
+        for first, members in families.values()
+    }
+
+
+def guidance_rows(families: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every family's rows in one list, sorted by guidance (then method name)."""
+    rows = [r for members in families.values() for r in members]
+    return sorted(rows, key=lambda r: (r["guidance"], r["method"]))
+
+
+def guidance_tradeoff_csv(rows: list[dict[str, Any]]) -> str:
+    lines = [",".join(GUIDANCE_COLUMNS)]
+    for r in rows:
+        steps = "" if r["steps"] is None else str(r["steps"])
+        lines.append(
+            f"{r['method']},{r['sampler']},{steps},{r['guidance']:.6g},{r['fid']:.6g},"
+            f"{r['class_accuracy']:.6g}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _family_label(params: Params, first: str) -> str:
+    """A legend label: the sampler, its steps and the settings the family shares."""
+    m = params.methods[first]
+    parts = [m.sampler]
+    steps = getattr(m, "steps", None)
+    if steps is not None:
+        parts.append(f"{steps} steps")
+    parts += [f"{k}={v}" for k, v in m.settings().items()]
+    if getattr(m, "spacing", "uniform") != "uniform":
+        parts.append(f"spacing={m.spacing}")
+    if m.classes is not None:
+        parts.append(f"classes={m.classes}")
+    return ", ".join(parts)
+
+
+def fid_floor(rows: list[dict[str, Any]]) -> float | None:
+    """The FID floor of the evaluated methods (one value: every method uses the same n)."""
+    floors = [r["fid_floor"] for r in rows if r["status"] == "ok" and r["fid_floor"] is not None]
+    return floors[0] if floors else None
 
 
 def _cell(value: Any) -> str:
@@ -73,12 +157,26 @@ def markdown(rows: list[dict[str, Any]], extractor: str) -> str:
     """A markdown table of ``rows`` with a note on the metric definitions."""
     head = "| " + " | ".join(title for _, title in COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(_cell(r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+    body = [
+        "| "
+        + " | ".join(
+            "null label" if k == "guidance" and r.get("unconditional") else _cell(r.get(k))
+            for k, _ in COLUMNS
+        )
+        + " |"
+        for r in rows
+    ]
     notes = [
         "",
         f"FID and KID use the `{extractor}` feature extractor against the training split; the",
         "floor is the FID of as many held-out test images, the best a model can reach at this n.",
     ]
+    if any(r.get("unconditional") for r in rows):
+        notes += [
+            "",
+            "Guidance `null label`: an `unconditional` method, the conditional network sampled",
+            "with its null label (no class labels, so no class accuracy).",
+        ]
     skipped = [f"- `{r['method']}` skipped: {r['reason']}" for r in rows if r["status"] != "ok"]
     return "\n".join(["# Sampling methods", "", head, rule, *body, *notes, *skipped]) + "\n"
 
@@ -96,17 +194,42 @@ def fid_vs_nfe_csv(rows: list[dict[str, Any]]) -> str:
 def run(params: Params) -> dict[str, Any]:
     """Summarise every method; returns the summary record."""
     rows = [method_row(params, name) for name in params.methods]
+    families = guidance_families(params, rows)
+    tradeoff = guidance_rows(families)
     summary = {
         "extractor": params.evaluate.extractor,
         "methods": {r["method"]: r for r in rows},
+        "guidance_tradeoff": [{k: r[k] for k in GUIDANCE_COLUMNS} for r in tradeoff],
         "provenance": provenance(params),
     }
+    floor, n = fid_floor(rows), params.sample.n_images
+    ok = [r for r in rows if r["status"] == "ok"]
+    labelled = {_family_label(params, k): members for k, members in families.items() if members}
     write_json(paths.SUMMARY, summary)
     write_text(paths.SUMMARY_MD, markdown(rows, params.evaluate.extractor))
     write_text(paths.FID_VS_NFE, fid_vs_nfe_csv(rows))
+    write_text(paths.GUIDANCE_TRADEOFF, guidance_tradeoff_csv(tradeoff))
+    write_bytes(paths.FID_VS_NFE_PNG, fid_vs_nfe_png(ok, floor, n))
+    write_bytes(paths.GUIDANCE_TRADEOFF_PNG, guidance_tradeoff_png(labelled, floor, n))
     print(markdown(rows, params.evaluate.extractor), end="")
     tracker = Tracker.reopen(paths.MLFLOW_RUN)
     if tracker is not None:
-        tracker.log_artifact(paths.SUMMARY_MD, "reports")
-        tracker.log_artifact(paths.FID_VS_NFE, "reports")
+        for path in (
+            paths.SUMMARY_MD,
+            paths.FID_VS_NFE,
+            paths.GUIDANCE_TRADEOFF,
+            paths.FID_VS_NFE_PNG,
+            paths.GUIDANCE_TRADEOFF_PNG,
+        ):
+            tracker.log_artifact(path, "reports")
+        for i, (first, members) in enumerate(families.items()):
+            suffix = "" if i == 0 else f"/{first}"
+            for r in members:
+                tracker.log_metrics(
+                    {
+                        f"guidance_fid{suffix}": r["fid"],
+                        f"guidance_class_accuracy{suffix}": r["class_accuracy"],
+                    },
+                    step=round(100 * r["guidance"]),
+                )
     return summary

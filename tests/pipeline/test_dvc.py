@@ -115,7 +115,14 @@ def test_stage_outputs_match_paths_module(stages: dict[str, Any]) -> None:
         },
         "sample": {paths.samples_dir(key), paths.grid_path(key), paths.sample_metrics(key)},
         "evaluate": {paths.eval_metrics(key)},
-        "report": {paths.SUMMARY, paths.SUMMARY_MD, paths.FID_VS_NFE},
+        "report": {
+            paths.SUMMARY,
+            paths.SUMMARY_MD,
+            paths.FID_VS_NFE,
+            paths.FID_VS_NFE_PNG,
+            paths.GUIDANCE_TRADEOFF,
+            paths.GUIDANCE_TRADEOFF_PNG,
+        },
     }
     for stage, files in expected.items():
         assert outs(stages[stage]) == {p.as_posix() for p in files}, stage
@@ -135,3 +142,11 @@ def test_train_runs_under_torchrun_with_nproc_from_params(stages: dict[str, Any]
     assert "OMP_NUM_THREADS=${train.threads_per_proc}" in cmd
     checkpoints = next(o for o in stages["train"]["outs"] if isinstance(o, dict))
     assert checkpoints == {paths.CHECKPOINTS.as_posix(): {"persist": True, "cache": False}}
+
+
+def test_report_figures_are_uncached_image_plots(stages: dict[str, Any]) -> None:
+    plots = {next(iter(p)): next(iter(p.values())) for p in stages["report"]["plots"]}
+    for png in (paths.FID_VS_NFE_PNG, paths.GUIDANCE_TRADEOFF_PNG):
+        assert plots[png.as_posix()] == {"cache": False}
+    tradeoff = plots[paths.GUIDANCE_TRADEOFF.as_posix()]
+    assert (tradeoff["x"], tradeoff["y"], tradeoff["cache"]) == ("class_accuracy", "fid", False)

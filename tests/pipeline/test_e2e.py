@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _pipeline_helpers import REPO, tiny_raw, write_params
+from _pipeline_helpers import REPO, copy_code, tiny_raw, write_params
 from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -20,9 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationW
 def make_repo(root: Path, raw: dict[str, Any]) -> dict[str, str]:
     """A fresh git + DVC repository holding the project code, dvc.yaml and ``raw`` params;
     returns the environment to run DVC in (venv first on PATH, MLflow store in the repo)."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for package in ("pipeline", "diffusion_core"):
-        shutil.copytree(REPO / package, root / package, ignore=ignore)
+    copy_code(root)
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, root / name)
     write_params(root / "params.yaml", raw)
@@ -60,7 +58,8 @@ def test_dvc_repro_twice_and_the_mlflow_run(tmp_path: Path) -> None:
         assert f"Running stage '{stage}'" in first
     for name in ("classifier", "train", "sample/ddim5", "eval/ddim5", "summary"):
         assert (tmp_path / "metrics" / f"{name}.json").is_file(), name
-    for name in ("summary.md", "fid_vs_nfe.csv", "grids/ddim5.png"):
+    reports = ("summary.md", "fid_vs_nfe.csv", "fid_vs_nfe.png", "guidance_tradeoff.csv")
+    for name in (*reports, "guidance_tradeoff.png", "grids/ddim5.png"):
         assert (tmp_path / "reports" / name).is_file(), name
 
     second = dvc(tmp_path, env, "repro")

@@ -13,7 +13,10 @@ import torch
 from _pipeline_helpers import tiny_raw
 
 from diffusion_core.checkpoint import load_checkpoint
+from diffusion_core.data import to_uint8
+from diffusion_core.distributed import default_device
 from diffusion_core.metrics import inception_weights_path
+from diffusion_core.samplers import generate
 from pipeline import classifier, codec, evaluate, paths, prepare, report, sample, train
 from pipeline.config import Params, ParamsError, validate_params
 from pipeline.errors import StageError
@@ -127,6 +130,36 @@ def test_classes_and_guidance(workspace: Path) -> None:
     assert out["labels"].tolist() == [3, 5] * 10
 
 
+def test_unconditional_method_samples_the_null_label(workspace: Path) -> None:
+    spec = {"sampler": "ddim", "steps": 2}
+    params = params_with(cond2=spec, uncond2={**spec, "unconditional": True})
+    with contextlib.chdir(workspace):
+        sample.run(params, "cond2")
+        record = sample.run(params, "uncond2")
+        scored = evaluate.run(params, "uncond2")
+        denoiser, process, _ = sample.load_model(default_device())
+    cond = load_checkpoint(workspace / paths.samples_dir("cond2") / "samples.pt")
+    uncond = load_checkpoint(workspace / paths.samples_dir("uncond2") / "samples.pt")
+    assert uncond["labels"] is None and record["conditional"] is False
+    assert not torch.equal(cond["images"], uncond["images"])
+    null = torch.full((20,), denoiser.net.null_label, dtype=torch.int64)
+    with torch.no_grad():
+        explicit = generate(
+            denoiser,
+            process,
+            "ddim",
+            shape=(1, 8, 8),
+            seeds=list(range(20)),
+            labels=null,
+            steps=2,
+            eta=0.0,
+            device=default_device(),
+        )
+    assert torch.equal(to_uint8(explicit.x.cpu()), uncond["images"])
+    assert scored["status"] == "ok" and "class_accuracy" not in scored
+    assert scored["fid_classifier"] > 0
+
+
 def test_incompatible_sampler_is_recorded_as_skipped(workspace: Path) -> None:
     params = params_with(pc1={"sampler": "pc", "steps": 1})
     with contextlib.chdir(workspace):
@@ -155,6 +188,31 @@ def test_evaluate_and_report(workspace: Path) -> None:
     csv = (workspace / paths.FID_VS_NFE).read_text().splitlines()
     assert csv[0] == "method,sampler,nfe,fid,fid_floor,extractor"
     assert csv[1].startswith("ddim5,ddim,5,")
+    # no guided method: the trade-off has a header and an empty figure
+    tradeoff = (workspace / paths.GUIDANCE_TRADEOFF).read_text()
+    assert tradeoff == "method,sampler,steps,guidance,fid,class_accuracy\n"
+    for png in (paths.FID_VS_NFE_PNG, paths.GUIDANCE_TRADEOFF_PNG):
+        assert (workspace / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_guidance_tradeoff_from_real_samples(workspace: Path) -> None:
+    params = params_with(
+        w0={"sampler": "ddim", "steps": 2}, w3={"sampler": "ddim", "steps": 2, "guidance": 3.0}
+    )
+    with contextlib.chdir(workspace):
+        for name in params.methods:
+            sample.run(params, name)
+            evaluate.run(params, name)
+        summary = report.run(params)
+    lines = (workspace / paths.GUIDANCE_TRADEOFF).read_text().splitlines()
+    assert [line.split(",")[:4] for line in lines[1:]] == [
+        ["w0", "ddim", "2", "0"],
+        ["w3", "ddim", "2", "3"],
+    ]
+    for line in lines[1:]:
+        method, fid, accuracy = line.split(",")[0], *map(float, line.split(",")[4:])
+        assert fid == pytest.approx(summary["methods"][method]["fid"], rel=1e-5)
+        assert 0.0 <= accuracy <= 1.0
 
 
 def test_bits_per_dim_for_ode_methods(workspace: Path) -> None:

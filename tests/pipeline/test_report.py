@@ -1,0 +1,155 @@
+"""The report stage on hand-written sample/evaluate records: the table, the FID-NFE and guidance
+trade-off CSVs, the figures and the MLflow trade-off curve (no training needed)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _pipeline_helpers import tiny_raw
+from PIL import Image
+
+from pipeline import paths, report
+from pipeline.config import Params, validate_params
+from pipeline.files import write_json
+
+FLOOR = 2.0
+# name: (method spec, FID, class accuracy or None); the sample records give NFE = steps.
+METHODS: dict[str, tuple[dict[str, Any], float, float | None]] = {
+    "a": ({"sampler": "ddim", "steps": 5}, 10.0, 0.50),
+    "b4": ({"sampler": "ddim", "steps": 5, "guidance": 4.0}, 30.0, 0.95),
+    "b1": ({"sampler": "ddim", "steps": 5, "guidance": 1.0}, 12.0, 0.80),
+    "eta": ({"sampler": "ddim", "steps": 5, "eta": 1.0}, 11.0, 0.55),  # other settings: not a w=0
+    "ddpm": ({"sampler": "ddpm", "steps": 5}, 9.0, 0.60),  # other sampler: not in the family
+    "u": ({"sampler": "ddim", "steps": 5, "unconditional": True}, 8.0, None),
+    "e": ({"sampler": "ddim", "steps": 10, "guidance": 0.5}, 7.0, 0.70),  # a second family
+}
+
+
+def params_of(methods: dict[str, tuple[dict[str, Any], float, float | None]]) -> Params:
+    raw = tiny_raw()
+    raw["methods"] = {name: spec for name, (spec, _, _) in methods.items()}
+    return validate_params(raw)
+
+
+def write_records(methods: dict[str, tuple[dict[str, Any], float, float | None]]) -> None:
+    """What the sample and evaluate stages would have written, in the working directory."""
+    for name, (spec, fid, accuracy) in methods.items():
+        write_json(
+            paths.sample_metrics(name),
+            {"status": "ok", "nfe": float(spec["steps"]), "images_per_s": 100.0},
+        )
+        scored = {
+            "status": "ok",
+            "extractor": "classifier",
+            "fid_classifier": fid,
+            "fid_floor_classifier": FLOOR,
+            "kid_classifier": fid / 100,
+        }
+        if accuracy is not None:
+            scored["class_accuracy"] = accuracy
+        write_json(paths.eval_metrics(name), scored)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return Image.open(io.BytesIO(data)).size
+
+
+def test_guidance_families_group_by_everything_but_w() -> None:
+    params = params_of(METHODS)
+    rows = [
+        {"method": n, "guidance": spec.get("guidance", 0.0), "status": "ok", "class_accuracy": a}
+        for n, (spec, _, a) in METHODS.items()
+    ]
+    families = report.guidance_families(params, rows)
+    assert {k: [r["method"] for r in v] for k, v in families.items()} == {
+        "b4": ["a", "b1", "b4"],  # named after the first guided method in params order
+        "e": ["e"],
+    }
+
+
+def test_report_writes_the_tradeoff_csv_and_figures(workdir: Path) -> None:
+    write_records(METHODS)
+    summary = report.run(params_of(METHODS))
+    lines = (workdir / paths.GUIDANCE_TRADEOFF).read_text().splitlines()
+    assert lines == [
+        "method,sampler,steps,guidance,fid,class_accuracy",
+        "a,ddim,5,0,10,0.5",
+        "e,ddim,10,0.5,7,0.7",
+        "b1,ddim,5,1,12,0.8",
+        "b4,ddim,5,4,30,0.95",
+    ]
+    assert [r["method"] for r in summary["guidance_tradeoff"]] == ["a", "e", "b1", "b4"]
+    nfe_csv = (workdir / paths.FID_VS_NFE).read_text().splitlines()
+    assert len(nfe_csv) == 1 + len(METHODS)  # the unconditional method is a point too
+    assert "| u | ddim | 5 | null label |" in (workdir / paths.SUMMARY_MD).read_text()
+    assert summary["methods"]["u"]["class_accuracy"] is None
+    for png in (paths.FID_VS_NFE_PNG, paths.GUIDANCE_TRADEOFF_PNG):
+        width, height = png_size(workdir / png)
+        assert width > 300 and height > 200
+
+
+def test_report_without_guidance_methods_writes_empty_tradeoff(workdir: Path) -> None:
+    methods = {k: METHODS[k] for k in ("a", "u")}
+    write_records(methods)
+    summary = report.run(params_of(methods))
+    assert (workdir / paths.GUIDANCE_TRADEOFF).read_text() == (
+        "method,sampler,steps,guidance,fid,class_accuracy\n"
+    )
+    assert summary["guidance_tradeoff"] == []
+    png_size(workdir / paths.GUIDANCE_TRADEOFF_PNG)
+    png_size(workdir / paths.FID_VS_NFE_PNG)
+
+
+def test_skipped_guided_method_leaves_the_curve(workdir: Path) -> None:
+    methods = {k: METHODS[k] for k in ("a", "b1", "b4")}
+    write_records(methods)
+    write_json(paths.sample_metrics("b4"), {"status": "skipped", "reason": "test"})
+    write_json(paths.eval_metrics("b4"), {"status": "skipped", "reason": "test"})
+    report.run(params_of(methods))
+    rows = (workdir / paths.GUIDANCE_TRADEOFF).read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["a", "b1"]
+
+
+def test_tradeoff_curve_and_figures_in_mlflow(workdir: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker.create("train", {})
+    assert tracker is not None
+    tracker.write_link(paths.MLFLOW_RUN)
+    write_records(METHODS)
+    with contextlib.redirect_stdout(io.StringIO()):
+        report.run(params_of(METHODS))
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+    def curve(key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(tracker.run_id, key))
+
+    assert curve("guidance_fid") == [(0, 10.0), (100, 12.0), (400, 30.0)]
+    assert curve("guidance_class_accuracy") == [(0, 0.5), (100, 0.8), (400, 0.95)]
+    assert curve("guidance_fid/e") == [(50, 7.0)]
+    logged = {Path(a.path).name for a in client.list_artifacts(tracker.run_id, "reports")}
+    assert logged == {
+        "summary.md",
+        "fid_vs_nfe.csv",
+        "fid_vs_nfe.png",
+        "guidance_tradeoff.csv",
+        "guidance_tradeoff.png",
+    }
+    assert json.loads((workdir / paths.MLFLOW_RUN).read_text())["run_id"] == tracker.run_id
