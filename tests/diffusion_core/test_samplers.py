@@ -171,3 +171,10 @@ def test_langevin_corrector_targets_the_marginal(process, mu):
     assert (x.mean(0) - a * mu64).abs().mean().item() < 0.05 * (a**2 * STD**2 + s**2) ** 0.5
     # unadjusted Langevin keeps an O(snr^2) excess variance (a few percent at snr = 0.16)
     assert x.std(0).mean().item() == pytest.approx((a**2 * STD**2 + s**2) ** 0.5, rel=0.06)
+
+
+def test_respaced_ddpm_ancestral(mu):
+    """DDPM ancestral sampling on 250 of 1000 steps (Nichol & Dhariwal 2021) keeps the moments."""
+    res = run("ddpm", DiscreteDDPM(1000), mu, 250)
+    assert res.nfe == 250
+    assert_moments(res.x, mu, 0.06)
