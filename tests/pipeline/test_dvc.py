@@ -141,7 +141,7 @@ def test_train_runs_under_torchrun_with_nproc_from_params(stages: dict[str, Any]
     assert "--nproc-per-node=${train.nproc}" in cmd
     assert "OMP_NUM_THREADS=${train.threads_per_proc}" in cmd
     checkpoints = next(o for o in stages["train"]["outs"] if isinstance(o, dict))
-    assert checkpoints == {paths.CHECKPOINTS.as_posix(): {"persist": True, "cache": False}}
+    assert checkpoints == {paths.CHECKPOINTS.as_posix(): {"persist": True}}
 
 
 def test_report_figures_are_uncached_image_plots(stages: dict[str, Any]) -> None:
