@@ -204,12 +204,19 @@ def run(params: Params) -> dict[str, Any]:
     }
     floor, n = fid_floor(rows), params.sample.n_images
     ok = [r for r in rows if r["status"] == "ok"]
+    # FID against NFE compares samplers: guided and null-label methods have their own plot
+    unguided = [
+        r
+        for r in ok
+        if params.methods[r["method"]].guidance == 0
+        and not params.methods[r["method"]].unconditional
+    ]
     labelled = {_family_label(params, k): members for k, members in families.items() if members}
     write_json(paths.SUMMARY, summary)
     write_text(paths.SUMMARY_MD, markdown(rows, params.evaluate.extractor))
-    write_text(paths.FID_VS_NFE, fid_vs_nfe_csv(rows))
+    write_text(paths.FID_VS_NFE, fid_vs_nfe_csv(unguided))
     write_text(paths.GUIDANCE_TRADEOFF, guidance_tradeoff_csv(tradeoff))
-    write_bytes(paths.FID_VS_NFE_PNG, fid_vs_nfe_png(ok, floor, n))
+    write_bytes(paths.FID_VS_NFE_PNG, fid_vs_nfe_png(unguided, floor, n))
     write_bytes(paths.GUIDANCE_TRADEOFF_PNG, guidance_tradeoff_png(labelled, floor, n))
     print(markdown(rows, params.evaluate.extractor), end="")
     tracker = Tracker.reopen(paths.MLFLOW_RUN)
