@@ -15,7 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffusion_core.denoiser import DenoiserLike
+from diffusion_core.denoiser import DenoiserLike, time_batch
+from diffusion_core.processes import broadcast
 from diffusion_core.samplers.base import Callback, SampleResult, check_grid, report
 
 
@@ -23,14 +24,9 @@ def ode_velocity(denoiser: DenoiserLike, process, x: Tensor, t: Tensor,
                  labels: Tensor | None = None):
     """``dx/dt`` of the probability-flow ODE at per-sample times ``t`` (shape ``(B,)`` or scalar).
     Returns ``(velocity, x0_pred)``."""
-    t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
-    if t.dim() == 0:
-        t = t.expand(x.shape[0])
+    t = time_batch(t, x)
     out = denoiser(x, t, labels)
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    f = process.f(t).to(x.device, x.dtype).reshape(shape)
-    g2 = process.g2(t).to(x.device, x.dtype).reshape(shape)
-    sigma = process.sigma(t).to(x.device, x.dtype).reshape(shape)
+    f, g2, sigma = (broadcast(c, x) for c in (process.f(t), process.g2(t), process.sigma(t)))
     return f * x + 0.5 * g2 * out.eps / sigma, out.x0
 
 
