@@ -23,7 +23,7 @@ from diffusion_core.metrics import (
 )
 from pipeline import paths
 from pipeline.config import Params
-from pipeline.files import file_digest, provenance, write_json
+from pipeline.files import file_digest, write_json, write_provenance, write_timing
 from pipeline.prepare import load_split
 
 
@@ -78,11 +78,10 @@ def run(params: Params) -> dict[str, Any]:
         "n_train": int(train_x.shape[0]),
         "n_test": int(test_x.shape[0]),
         "feature_dim": cfg.feature_dim,
-        "train_s": round(train_s, 3),
-        "device": str(device),
-        "provenance": provenance(params),
     }
     write_json(paths.CLASSIFIER_METRICS, record)
+    write_provenance("classifier", params, classifier_sha256=file_digest(paths.CLASSIFIER))
+    write_timing("classifier", train_s=round(train_s, 3), device=str(device))
     print(
         f"classifier: test accuracy {record['test_accuracy']:.4f} "
         f"(train {record['train_accuracy']:.4f}) in {train_s:.1f} s"

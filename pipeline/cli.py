@@ -20,7 +20,7 @@ from pipeline.errors import StageError, StageInterruptedError
 
 app = typer.Typer(
     name="diffusion",
-    help="Diffusion-model pipeline: prepare, classifier, train, sample, evaluate, report.",
+    help="Diffusion-model pipeline: prepare, classifier, train, sample, evaluate, report, track.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -86,8 +86,8 @@ def classifier(params: ParamsOption = DEFAULT_PARAMS) -> None:
 def train(params: ParamsOption = DEFAULT_PARAMS) -> None:
     """Train the U-Net (under torchrun for several processes); resumes from checkpoints.
 
-    Writes runs/train/model.pt, runs/train/loss.csv, metrics/train.json and the MLflow run link
-    runs/train/mlflow_run.json. Launch several processes with
+    Writes runs/train/model.pt, runs/train/loss.csv and metrics/train.json; logs a training run
+    to MLflow with the model as a registered MLflow Model. Launch several processes with
     `python -m torch.distributed.run --standalone --nproc-per-node=N -m pipeline train`.
     """
     from pipeline.train import run
@@ -121,6 +121,22 @@ def report(params: ParamsOption = DEFAULT_PARAMS) -> None:
     from pipeline.report import run
 
     _run(run, params)
+
+
+@app.command()
+def track(
+    params: ParamsOption = DEFAULT_PARAMS,
+    sync: Annotated[
+        bool,
+        typer.Option("--sync", help="Only tag finished DVC experiments' runs with their commits."),
+    ] = False,
+) -> None:
+    """Log this pipeline run to MLflow: one run with all params, every method's metrics, grids,
+    reports and a link to the model's training run (the last DVC stage)."""
+    from pipeline.track import run
+    from pipeline.track import sync as sync_run
+
+    _run(sync_run if sync else run, params)
 
 
 @app.command()

@@ -179,6 +179,19 @@ class EvaluateParams(_Section):
     bpd_images: int = Field(ge=0)
 
 
+class TrackingParams(_Section):
+    """MLflow: where runs go and the name the trained model is registered under."""
+
+    experiment: str = Field(
+        "diffusion", min_length=1, description="MLflow experiment ($MLFLOW_EXPERIMENT_NAME wins)"
+    )
+    model_name: str = Field(
+        "diffusion-model", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Model Registry name of the trained model",
+    )
+    register_model: bool = Field(True, description="register each new model version")
+
+
 class Params(_Section):
     """The whole of ``params.yaml``."""
 
@@ -191,6 +204,7 @@ class Params(_Section):
     sample: SampleParams
     methods: dict[MethodName, Method] = Field(min_length=1)
     evaluate: EvaluateParams
+    tracking: TrackingParams = TrackingParams()
 
     @property
     def dataset(self) -> DatasetInfo:

@@ -15,7 +15,7 @@
   method's tolerances (Song et al. 2021, Sec. 4.3), unconditional (null label), uniformly
   dequantised on the dataset's pixel levels; image ``i`` uses seed ``seed + i``.
 
-Writes ``metrics/eval/M.json`` and logs ``<metric>/M`` to the training run in MLflow.
+Writes ``metrics/eval/M.json`` (the track stage logs it to MLflow as ``<metric>/M``).
 """
 
 from __future__ import annotations
@@ -40,10 +40,9 @@ from pipeline import paths
 from pipeline.classifier import features, load_classifier
 from pipeline.config import Params, ParamsError, RK45Method
 from pipeline.errors import StageError
-from pipeline.files import provenance, read_json, write_json
+from pipeline.files import read_json, write_json, write_provenance
 from pipeline.prepare import load_split
 from pipeline.sample import load_model
-from pipeline.tracking import Tracker
 
 
 def _load_samples(method: str) -> dict[str, Any]:
@@ -107,13 +106,9 @@ def _bits_per_dim(params: Params, method: str, device: torch.device) -> dict[str
 
 
 def _skipped(params: Params, method: str, sample_record: dict[str, Any]) -> dict[str, Any]:
-    record = {
-        "status": "skipped",
-        "reason": sample_record.get("reason", "sampling was skipped"),
-        "method": method,
-        "provenance": provenance(params),
-    }
+    record = {"status": "skipped", "reason": sample_record.get("reason", "sampling was skipped")}
     write_json(paths.eval_metrics(method), record)
+    write_provenance(f"evaluate@{method}", params, method=method)
     print(f"skipped {method}: {record['reason']}")
     return record
 
@@ -150,18 +145,14 @@ def run(params: Params, method: str) -> dict[str, Any]:
         )
     record = {
         "status": "ok",
-        "method": method,
         "extractor": name,
         **metrics,
         "nfe": sample_record.get("nfe"),
         "n_images": n,
         "n_reference": int(train_f.shape[0]),
-        "provenance": provenance(params),
     }
     write_json(paths.eval_metrics(method), record)
+    write_provenance(f"evaluate@{method}", params, method=method)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     print(f"{method}: {shown}")
-    tracker = Tracker.reopen(paths.MLFLOW_RUN)
-    if tracker is not None:
-        tracker.log_metrics({f"{k}/{method}": v for k, v in metrics.items()})
     return record

@@ -1,4 +1,4 @@
-"""Atomic file writes, file digests and provenance records for every stage output.
+"""Atomic file writes, file digests and provenance records (``provenance/<stage>.json``).
 
 A file is written to a temporary sibling and moved into place with ``os.replace``, so an
 interrupted stage never leaves a half-written file where a good one was.
@@ -22,6 +22,8 @@ from typing import Any
 
 from pipeline.config import Params, params_hash
 
+PROVENANCE_DIR = Path("provenance")
+TIMING_DIR = Path("runs/timing")
 PACKAGES = ("diffusion-toolkit", "torch", "torchvision", "numpy", "scipy", "clean-fid")
 
 
@@ -118,17 +120,52 @@ def package_versions() -> dict[str, str]:
 
 
 def provenance(params: Params, **extra: Any) -> dict[str, Any]:
-    """What produced a result: parameters hash, seed, commit, package versions, DVC context."""
+    """What produced a result, deterministically: parameters hash, seed, stage, command, package
+    versions (the one platform-dependent part). No commit, time or host: those change on every
+    run and go to MLflow tags (:func:`run_context`) instead, so DVC outputs reproduce byte for
+    byte."""
     record = {
         "params_hash": params_hash(params),
         "seed": params.seed,
-        "git_commit": git_commit(),
-        "git_dirty": git_dirty(),
         "dvc_stage": os.environ.get("DVC_STAGE"),
-        "dvc_exp_name": os.environ.get("DVC_EXP_NAME"),
         "versions": package_versions(),
         "command": " ".join(["diffusion", *sys.argv[1:]]),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     record.update(extra)
     return record
+
+
+def write_provenance(stage: str, params: Params, **extra: Any) -> Path:
+    """Write ``provenance/<stage>.json`` (kept in Git beside the outputs, not a DVC output and
+    not a metric), e.g. ``provenance/evaluate@ddpm.json``."""
+    path = PROVENANCE_DIR / f"{stage}.json"
+    write_json(path, provenance(params, **extra))
+    return path
+
+
+def write_timing(stage: str, **values: Any) -> Path:
+    """Write ``runs/timing/<stage>.json``: wall times, throughput and device of this run.
+
+    Timings differ on every run, so they live outside DVC's outputs and Git (git-ignored); the
+    track stage logs them to MLflow (``images_per_s/<method>``, ...)."""
+    path = TIMING_DIR / f"{stage}.json"
+    write_json(path, values)
+    return path
+
+
+def read_timing(stage: str) -> dict[str, Any]:
+    """The timings :func:`write_timing` wrote for ``stage`` ({} if that stage did not run here)."""
+    try:
+        return read_json(TIMING_DIR / f"{stage}.json")
+    except (OSError, ValueError):
+        return {}
+
+
+def run_context() -> dict[str, Any]:
+    """The non-deterministic facts of this run, for MLflow tags only."""
+    return {
+        "git.commit": git_commit(),
+        "git.dirty": git_dirty(),
+        "host": platform.node(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }

@@ -18,7 +18,6 @@ TRAIN_DIR = Path("runs/train")
 CHECKPOINTS = TRAIN_DIR / "checkpoints"
 MODEL = TRAIN_DIR / "model.pt"
 LOSS_CSV = TRAIN_DIR / "loss.csv"
-MLFLOW_RUN = TRAIN_DIR / "mlflow_run.json"
 TRAIN_METRICS = Path("metrics/train.json")
 
 SUMMARY = Path("metrics/summary.json")

@@ -1,7 +1,7 @@
 """Stage ``prepare``: load the dataset, split it by class, write ``data/prepared/``.
 
 ``train.pt`` and ``test.pt`` hold ``{"images": float32 (N, C, H, W) in [-1, 1], "labels": int64}``;
-``info.json`` the shapes, class counts, content digests and provenance.
+``info.json`` the shapes, class counts and content digests (provenance: ``provenance/prepare.json``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from diffusion_core.data import DatasetUnavailable, load_dataset, train_test_spl
 from pipeline import paths
 from pipeline.config import Params
 from pipeline.errors import StageError
-from pipeline.files import provenance, write_json
+from pipeline.files import write_json, write_provenance
 
 
 def tensor_digest(*tensors: Tensor) -> str:
@@ -62,9 +62,9 @@ def run(params: Params) -> dict[str, Any]:
         "test_classes": _class_counts(test_y),
         "train_digest": tensor_digest(train_x, train_y),
         "test_digest": tensor_digest(test_x, test_y),
-        "provenance": provenance(params),
     }
     write_json(paths.DATA_INFO, info)
+    write_provenance("prepare", params)
     print(
         f"prepared {params.data.dataset}: {info['n_train']} train / {info['n_test']} test images "
         f"of shape {tuple(info['image_shape'])}"

@@ -11,10 +11,8 @@ and MLflow:
   the *guidance families*: every method with ``guidance > 0`` and each conditional method that
   differs from it only in ``guidance`` (``w = 0`` included), scored with class accuracy.
 
-The CSVs and PNGs are attached to the MLflow run, with metrics ``guidance_fid`` and
-``guidance_class_accuracy`` at ``step = round(100 w)`` so the UI charts the trade-off curve (for
-the first family in ``params.yaml``; further families log ``guidance_fid/<family>``, named after
-their first guided method).
+The track stage attaches the CSVs and PNGs to the MLflow run and logs ``guidance_fid`` and
+``guidance_class_accuracy`` at ``step = round(100 w)`` so the UI charts the trade-off curve.
 """
 
 from __future__ import annotations
@@ -25,8 +23,7 @@ from pipeline import paths
 from pipeline.config import Params
 from pipeline.errors import StageError
 from pipeline.figures import fid_vs_nfe_png, guidance_tradeoff_png
-from pipeline.files import provenance, read_json, write_bytes, write_json, write_text
-from pipeline.tracking import Tracker
+from pipeline.files import read_json, write_bytes, write_json, write_provenance, write_text
 
 # The settings that may differ inside a guidance family (the rest must match).
 FAMILY_FREE_KEYS = ("guidance",)
@@ -42,7 +39,6 @@ COLUMNS = (
     ("fid_floor", "FID floor"),
     ("kid", "KID"),
     ("class_accuracy", "class acc."),
-    ("images_per_s", "images/s"),
     ("status", "status"),
 )
 
@@ -75,7 +71,6 @@ def method_row(params: Params, name: str) -> dict[str, Any]:
         "fid_floor": scored.get(f"fid_floor_{ext}"),
         "kid": scored.get(f"kid_{ext}"),
         "class_accuracy": scored.get("class_accuracy"),
-        "images_per_s": sampled.get("images_per_s"),
     }
 
 
@@ -196,11 +191,14 @@ def run(params: Params) -> dict[str, Any]:
     rows = [method_row(params, name) for name in params.methods]
     families = guidance_families(params, rows)
     tradeoff = guidance_rows(families)
+    family_of = {r["method"]: first for first, members in families.items() for r in members}
     summary = {
         "extractor": params.evaluate.extractor,
         "methods": {r["method"]: r for r in rows},
-        "guidance_tradeoff": [{k: r[k] for k in GUIDANCE_COLUMNS} for r in tradeoff],
-        "provenance": provenance(params),
+        "guidance_tradeoff": [
+            {**{k: r[k] for k in GUIDANCE_COLUMNS}, "family": family_of[r["method"]]}
+            for r in tradeoff
+        ],
     }
     floor, n = fid_floor(rows), params.sample.n_images
     ok = [r for r in rows if r["status"] == "ok"]
@@ -213,30 +211,11 @@ def run(params: Params) -> dict[str, Any]:
     ]
     labelled = {_family_label(params, k): members for k, members in families.items() if members}
     write_json(paths.SUMMARY, summary)
+    write_provenance("report", params)
     write_text(paths.SUMMARY_MD, markdown(rows, params.evaluate.extractor))
     write_text(paths.FID_VS_NFE, fid_vs_nfe_csv(unguided))
     write_text(paths.GUIDANCE_TRADEOFF, guidance_tradeoff_csv(tradeoff))
     write_bytes(paths.FID_VS_NFE_PNG, fid_vs_nfe_png(unguided, floor, n))
     write_bytes(paths.GUIDANCE_TRADEOFF_PNG, guidance_tradeoff_png(labelled, floor, n))
     print(markdown(rows, params.evaluate.extractor), end="")
-    tracker = Tracker.reopen(paths.MLFLOW_RUN)
-    if tracker is not None:
-        for path in (
-            paths.SUMMARY_MD,
-            paths.FID_VS_NFE,
-            paths.GUIDANCE_TRADEOFF,
-            paths.FID_VS_NFE_PNG,
-            paths.GUIDANCE_TRADEOFF_PNG,
-        ):
-            tracker.log_artifact(path, "reports")
-        for i, (first, members) in enumerate(families.items()):
-            suffix = "" if i == 0 else f"/{first}"
-            for r in members:
-                tracker.log_metrics(
-                    {
-                        f"guidance_fid{suffix}": r["fid"],
-                        f"guidance_class_accuracy{suffix}": r["class_accuracy"],
-                    },
-                    step=round(100 * r["guidance"]),
-                )
     return summary

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,18 +34,20 @@ from diffusion_core.unet import UNet
 from pipeline import paths
 from pipeline.config import Method, Params
 from pipeline.errors import StageError
-from pipeline.files import file_digest, provenance, write_bytes, write_json
-from pipeline.tracking import Tracker
+from pipeline.files import file_digest, write_bytes, write_json, write_provenance, write_timing
 
 GRID_IMAGES = 100
 
 
-def load_model(device: torch.device) -> tuple[Denoiser, NoiseProcess, dict[str, Any]]:
-    """The EMA network of ``runs/train/model.pt`` as a denoiser, its process and the file."""
+def load_model(
+    device: torch.device, path: Path = paths.MODEL
+) -> tuple[Denoiser, NoiseProcess, dict[str, Any]]:
+    """The EMA network of ``path`` (``runs/train/model.pt``) as a denoiser, its process and the
+    file's contents."""
     try:
-        m = load_checkpoint(paths.MODEL, map_location="cpu")
+        m = load_checkpoint(path, map_location="cpu")
     except FileNotFoundError:
-        raise StageError(f"{paths.MODEL} is missing: run the train stage first") from None
+        raise StageError(f"{path} is missing: run the train stage first") from None
     net = UNet(**m["model_config"])
     net.load_state_dict(m["ema"])
     process = make_process(**m["process"])
@@ -99,16 +102,11 @@ def _wrap(text: str, width: int) -> str:
 
 def _skip(params: Params, name: str, method: Method, reason: str) -> dict[str, Any]:
     print(f"skipped {name}: {reason}")
-    record = {
-        "status": "skipped",
-        "reason": reason,
-        "method": name,
-        "settings": method.model_dump(mode="json"),
-        "provenance": provenance(params),
-    }
+    record = {"status": "skipped", "reason": reason}
     write_json(paths.samples_dir(name) / "skipped.json", record)
     write_bytes(paths.grid_path(name), _message_png(f"{name}: skipped. {reason}"))
     write_json(paths.sample_metrics(name), record)
+    write_provenance(f"sample@{name}", params, method=name, settings=method.model_dump(mode="json"))
     return record
 
 
@@ -155,28 +153,20 @@ def run(params: Params, method: str) -> dict[str, Any]:
         paths.samples_dir(method) / "samples.pt",
     )
     write_bytes(paths.grid_path(method), grid_png(images))
-    record = {
-        "status": "ok",
-        "method": method,
-        "sampler": m.sampler,
-        "settings": m.model_dump(mode="json"),
-        "conditional": labels is not None,
-        "nfe": nfe_total / n,
-        "n_images": n,
-        "batch_size": batch,
-        "wall_s": round(wall_s, 3),
-        "images_per_s": n / wall_s if wall_s > 0 else None,
-        "device": device.type,
-        "seeds": {"first": seeds[0], "count": n},
-        "process": model_file["process"],
-        "model_sha256": file_digest(paths.MODEL),
-        "provenance": provenance(params),
-    }
+    record = {"status": "ok", "nfe": nfe_total / n, "n_images": n}
     write_json(paths.sample_metrics(method), record)
+    write_provenance(
+        f"sample@{method}",
+        params,
+        method=method,
+        settings=m.model_dump(mode="json"),
+        conditional=labels is not None,
+        seeds={"first": seeds[0], "count": n},
+        process=model_file["process"],
+        model_sha256=file_digest(paths.MODEL),
+    )
+    images_per_s = n / wall_s if wall_s > 0 else None
+    write_timing(f"sample@{method}", wall_s=round(wall_s, 3), images_per_s=images_per_s,
+                 batch_size=batch, device=device.type)
     print(f"{method}: {n} images in {wall_s:.1f} s, {record['nfe']:.0f} NFE per image")
-    tracker = Tracker.reopen(paths.MLFLOW_RUN)
-    if tracker is not None:
-        metrics = {"nfe": record["nfe"], "wall_s": wall_s, "images_per_s": record["images_per_s"]}
-        tracker.log_metrics({f"{k}/{method}": v for k, v in metrics.items() if v is not None})
-        tracker.log_artifact(paths.grid_path(method), "grids")
     return record

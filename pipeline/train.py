@@ -3,17 +3,17 @@
 Builds the network and noise process from ``params.yaml`` and calls
 :func:`diffusion_core.training.train`, which checkpoints into ``runs/train/checkpoints`` (kept
 between DVC runs: an interrupted stage resumes when the config hash matches) and writes
-``runs/train/model.pt``. Rank 0 alone writes ``runs/train/loss.csv``, ``metrics/train.json`` and
-``runs/train/mlflow_run.json`` and talks to MLflow.
+``runs/train/model.pt``. Rank 0 alone writes ``runs/train/loss.csv`` and ``metrics/train.json``
+and talks to MLflow: one *training run* with the params, the loss per step, the checkpoint and
+the model as a registered MLflow Model (see :mod:`pipeline.tracking`).
 
-The loss log and the MLflow run link of a run in progress live next to its checkpoints
-(``loss-<hash>.csv``, ``mlflow-<hash>.json``), so a resumed run keeps its loss history and
-logs into the same MLflow run.
+The loss log of a run in progress lives next to its checkpoints (``loss-<hash>.csv``), so a
+resumed run keeps its loss history; its MLflow run id is kept in ``runs/train/mlflow-<hash>.json``
+(git-ignored, outside the DVC-cached checkpoints), so a resumed run logs into the same run.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,16 @@ from diffusion_core.unet import UNet
 from pipeline import paths
 from pipeline.config import Params, ParamsError, flatten, params_hash, train_config_hash
 from pipeline.errors import StageError, StageInterruptedError
-from pipeline.files import file_digest, git_commit, provenance, write_json, write_text
+from pipeline.files import (
+    file_digest,
+    run_context,
+    write_json,
+    write_provenance,
+    write_text,
+    write_timing,
+)
 from pipeline.prepare import load_split, tensor_digest
-from pipeline.tracking import Tracker, run_tags
+from pipeline.tracking import Tracker, run_name, run_tags
 
 
 def build_unet(params: Params) -> UNet:
@@ -116,20 +123,26 @@ def _write_loss_csv(rows: list[dict[str, float]]) -> None:
 
 def _forget_other_runs(config_hash: str) -> None:
     """Drop loss logs and MLflow links of configurations other than ``config_hash``."""
-    for pattern in ("loss-*.csv", "mlflow-*.json"):
-        for path in paths.CHECKPOINTS.glob(pattern):
+    for folder, pattern in ((paths.CHECKPOINTS, "loss-*.csv"), (paths.TRAIN_DIR, "mlflow-*.json")):
+        for path in folder.glob(pattern):
             if config_hash not in path.name:
                 path.unlink(missing_ok=True)
 
 
 def _open_tracker(params: Params, config_hash: str) -> Tracker | None:
     """Re-open the MLflow run of an interrupted run of this config, or start a new one."""
-    link = paths.CHECKPOINTS / f"mlflow-{config_hash}.json"
+    link = paths.TRAIN_DIR / f"mlflow-{config_hash}.json"
     tracker = Tracker.reopen(link) if link.is_file() else None
     fresh = tracker is None
     if fresh:
-        name = os.environ.get("DVC_EXP_NAME") or "train"
-        tracker = Tracker.create(name, run_tags(params_hash(params), git_commit()))
+        context = run_context()
+        tags = run_tags(params_hash(params), context["git.commit"], kind="train")
+        tags["mlflow.note.content"] = (
+            f"Training of {params.data.dataset} ({params.process.name} process, "
+            f"{params.model.prediction} prediction, {params.train.steps} steps)."
+        )
+        name = "train-" + run_name(context["git.commit"], context["git.dirty"])
+        tracker = Tracker.create(name, tags, params.tracking.experiment)
         if tracker is None:
             return None
         tracker.write_link(link)
@@ -233,24 +246,19 @@ def _finish(
     """Rank 0: loss curve, metrics file, MLflow artifacts and the run link for later stages."""
     rows = log.rows(result.step)
     _write_loss_csv(rows)
-    record: dict[str, Any] = {
-        "steps": result.step,
-        "final_loss": result.loss,
-        "resumed": result.resumed,
-        "wall_s": round(wall_s, 3),
-        "world_size": dist.world_size,
-        "device": dist.device.type,
-        "config_hash": config_hash,
-        "model_sha256": file_digest(paths.MODEL),
-        "provenance": provenance(params),
-    }
+    sha = file_digest(paths.MODEL)
+    record: dict[str, Any] = {"steps": result.step, "final_loss": result.loss}
     write_json(paths.TRAIN_METRICS, record)
+    write_provenance("train", params, config_hash=config_hash, model_sha256=sha)
+    write_timing("train", wall_s=round(wall_s, 3), resumed=result.resumed,
+                 world_size=dist.world_size, device=dist.device.type)
     if tracker is not None:
         tracker.log_metrics({"train/final_loss": result.loss, "train/wall_s": wall_s})
-        tracker.log_artifact(paths.MODEL, "model")
+        tracker.log_artifact(paths.MODEL, "checkpoint")
         tracker.log_artifact(paths.LOSS_CSV, "train")
+        registered = params.tracking.model_name if params.tracking.register_model else None
+        version = tracker.log_model(paths.MODEL, registered, sha)
+        if version is not None:
+            print(f"registered MLflow model {registered} version {version}")
         tracker.finish("FINISHED")
-        tracker.write_link(paths.MLFLOW_RUN)
-    else:
-        write_json(paths.MLFLOW_RUN, {"run_id": None, "experiment_id": None, "tracking_uri": None})
     print(f"trained {result.step} steps, final loss {result.loss:.5f} in {wall_s:.1f} s")

@@ -51,44 +51,81 @@ def dvc(root: Path, env: dict[str, str], *args: str) -> str:
     return proc.stdout + proc.stderr
 
 
-def test_dvc_repro_twice_and_the_mlflow_run(tmp_path: Path) -> None:
+def runs_of(root: Path, kind: str | None = None) -> list:
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("diffusion")
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return [r for r in runs if kind is None or r.data.tags.get("run.kind") == kind]
+
+
+def tracked_files(root: Path) -> list[Path]:
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=root, capture_output=True, text=True, check=True,
+    ).stdout
+    return [root / line for line in out.splitlines() if line]
+
+
+def test_dvc_repro_twice_and_the_mlflow_runs(tmp_path: Path) -> None:
     env = make_repo(tmp_path, tiny_raw())
     first = dvc(tmp_path, env, "repro")
-    for stage in ("prepare", "classifier", "train", "sample@ddim5", "evaluate@ddim5", "report"):
+    stages = ("prepare", "classifier", "train", "sample@ddim5", "evaluate@ddim5", "report", "track")
+    for stage in stages:
         assert f"Running stage '{stage}'" in first
     for name in ("classifier", "train", "sample/ddim5", "eval/ddim5", "summary"):
         assert (tmp_path / "metrics" / f"{name}.json").is_file(), name
     reports = ("summary.md", "fid_vs_nfe.csv", "fid_vs_nfe.png", "guidance_tradeoff.csv")
     for name in (*reports, "guidance_tradeoff.png", "grids/ddim5.png"):
         assert (tmp_path / "reports" / name).is_file(), name
+    for stage in ("prepare", "classifier", "train", "sample@ddim5", "evaluate@ddim5", "report"):
+        assert (tmp_path / "provenance" / f"{stage}.json").is_file(), stage
 
     second = dvc(tmp_path, env, "repro")
     assert "Running stage" not in second
     assert "Data and pipelines are up to date" in dvc(tmp_path, env, "status")
     shown = json.loads(dvc(tmp_path, env, "metrics", "show", "--json"))
-    assert "fid_classifier" in json.dumps(shown)
+    assert "provenance" not in json.dumps(shown)  # metrics files hold numbers, not provenance
 
-    link = json.loads((tmp_path / "runs/train/mlflow_run.json").read_text())
+    # one training run (the model, registered) and one pipeline run; the unchanged second
+    # `dvc repro` logged nothing
+    (train,) = runs_of(tmp_path, "train")
+    (pipeline,) = runs_of(tmp_path, "pipeline")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = client.get_run(link["run_id"])
-    assert run.info.status == "FINISHED"
-    assert run.data.params["train.steps"] == "6"
-    assert run.data.params["methods.ddim5.sampler"] == "ddim"
-    assert {"train/loss", "nfe/ddim5", "fid_classifier/ddim5", "class_accuracy/ddim5"} <= set(
-        run.data.metrics
-    )
-    assert run.data.tags["dvc.stage"] == "train"
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model", "grids", "reports", "train"} <= artifacts
+    assert train.info.status == pipeline.info.status == "FINISHED"
+    assert train.data.tags["model.registered_name"] == "diffusion-digits"
+    assert pipeline.data.tags["train.run_id"] == train.info.run_id
+    assert pipeline.data.tags["model.version"] == "1"
+    assert pipeline.info.run_name == "repro"  # no commit yet in this repository
+    assert pipeline.data.params["train.steps"] == "6"
+    assert pipeline.data.params["methods.ddim5.sampler"] == "ddim"
+    assert {"nfe/ddim5", "class_accuracy/ddim5", "images_per_s/ddim5", "train/final_loss",
+            "train/loss"} <= set(pipeline.data.metrics)
+    history = client.get_metric_history(pipeline.info.run_id, "train/loss")
+    assert [m.step for m in history] == [2, 4, 6]
+    artifacts = {a.path for a in client.list_artifacts(pipeline.info.run_id)}
+    assert {"grids", "reports", "metrics", "provenance", "params.yaml", "dvc.lock"} <= artifacts
+    assert {"checkpoint", "train"} <= {a.path for a in client.list_artifacts(train.info.run_id)}
     assert (tmp_path / "mlartifacts").is_dir()
-    assert len(client.search_runs([link["experiment_id"]])) == 1
 
-    # Changing one method re-runs only that method's stages and the report.
+    # `dvc repro -f` of the last stage logs a new pipeline run and links the same model
+    dvc(tmp_path, env, "repro", "-f", "track")
+    assert len(runs_of(tmp_path, "pipeline")) == 2 and len(runs_of(tmp_path, "train")) == 1
+
+    # nothing in a file Git would keep names this machine's path, a time or a commit
+    for path in tracked_files(tmp_path):
+        if path.suffix in (".json", ".yaml", ".lock", ".csv", ".md"):
+            text = path.read_text()
+            assert str(tmp_path) not in text, path
+            assert "created" not in text and "git_commit" not in text, path
+
+    # Changing one method re-runs only that method's stages, the report and the tracking.
     raw = tiny_raw()
     raw["methods"]["ddim5"]["eta"] = 0.5
     write_params(tmp_path / "params.yaml", raw)
     status = dvc(tmp_path, env, "status")
-    assert "sample@ddim5" in status and "report" in status
+    assert "sample@ddim5" in status and "report" in status and "track" in status
     assert "train:" not in status and "classifier:" not in status
 
 
@@ -99,7 +136,7 @@ def test_train_stage_with_two_processes(tmp_path: Path) -> None:
     out = dvc(tmp_path, env, "repro", "train")
     assert "--nproc-per-node=2" in out
     record = json.loads((tmp_path / "metrics/train.json").read_text())
-    assert record["world_size"] == 2 and record["steps"] == 6
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    link = json.loads((tmp_path / "runs/train/mlflow_run.json").read_text())
-    assert len(client.search_runs([link["experiment_id"]])) == 1  # rank 0 alone tracks
+    assert record["steps"] == 6
+    timing = json.loads((tmp_path / "runs/timing/train.json").read_text())
+    assert timing["world_size"] == 2
+    assert len(runs_of(tmp_path)) == 1  # rank 0 alone tracks

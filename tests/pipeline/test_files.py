@@ -9,7 +9,15 @@ import pytest
 from _pipeline_helpers import tiny_raw
 
 from pipeline.config import params_hash, validate_params
-from pipeline.files import atomic_path, file_digest, provenance, write_json, write_text
+from pipeline.files import (
+    atomic_path,
+    file_digest,
+    provenance,
+    run_context,
+    write_json,
+    write_provenance,
+    write_text,
+)
 
 
 def test_write_json_round_trips_and_creates_folders(tmp_path: Path) -> None:
@@ -42,13 +50,22 @@ def test_file_digest_is_sha256(tmp_path: Path) -> None:
     assert file_digest(path) == ("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
 
 
-def test_provenance_names_params_seed_versions_and_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_provenance_is_deterministic_and_goes_to_a_sidecar(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("DVC_STAGE", "sample@ddim5")
+    monkeypatch.chdir(tmp_path)
     params = validate_params(tiny_raw())
     record = provenance(params, extra_key=1)
     assert record["params_hash"] == params_hash(params)
     assert record["seed"] == params.seed
     assert record["dvc_stage"] == "sample@ddim5"
     assert {"python", "torch", "numpy"} <= set(record["versions"])
-    assert "git_commit" in record
     assert record["extra_key"] == 1
+    # no commit, time or host: a re-run writes the same bytes
+    assert not {"git_commit", "created", "host"} & set(record)
+    path = write_provenance("sample@ddim5", params, extra_key=1)
+    first = path.read_bytes()
+    write_provenance("sample@ddim5", params, extra_key=1)
+    assert path == Path("provenance/sample@ddim5.json") and path.read_bytes() == first
+    assert {"git.commit", "created", "host"} <= set(run_context())  # for MLflow tags only

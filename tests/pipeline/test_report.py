@@ -3,9 +3,7 @@ trade-off CSVs, the figures and the MLflow trade-off curve (no training needed).
 
 from __future__ import annotations
 
-import contextlib
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -125,33 +123,3 @@ def test_skipped_guided_method_leaves_the_curve(workdir: Path) -> None:
     report.run(params_of(methods))
     rows = (workdir / paths.GUIDANCE_TRADEOFF).read_text().splitlines()[1:]
     assert [r.split(",")[0] for r in rows] == ["a", "b1"]
-
-
-def test_tradeoff_curve_and_figures_in_mlflow(workdir: Path) -> None:
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.tracking import Tracker
-
-    tracker = Tracker.create("train", {})
-    assert tracker is not None
-    tracker.write_link(paths.MLFLOW_RUN)
-    write_records(METHODS)
-    with contextlib.redirect_stdout(io.StringIO()):
-        report.run(params_of(METHODS))
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-
-    def curve(key: str) -> list[tuple[int, float]]:
-        return sorted((m.step, m.value) for m in client.get_metric_history(tracker.run_id, key))
-
-    assert curve("guidance_fid") == [(0, 10.0), (100, 12.0), (400, 30.0)]
-    assert curve("guidance_class_accuracy") == [(0, 0.5), (100, 0.8), (400, 0.95)]
-    assert curve("guidance_fid/e") == [(50, 7.0)]
-    logged = {Path(a.path).name for a in client.list_artifacts(tracker.run_id, "reports")}
-    assert logged == {
-        "summary.md",
-        "fid_vs_nfe.csv",
-        "fid_vs_nfe.png",
-        "guidance_tradeoff.csv",
-        "guidance_tradeoff.png",
-    }
-    assert json.loads((workdir / paths.MLFLOW_RUN).read_text())["run_id"] == tracker.run_id

@@ -20,6 +20,7 @@ from diffusion_core.samplers import generate
 from pipeline import classifier, codec, evaluate, paths, prepare, report, sample, train
 from pipeline.config import Params, ParamsError, validate_params
 from pipeline.errors import StageError
+from pipeline.files import file_digest
 
 
 def params_with(**methods: dict[str, Any]) -> Params:
@@ -80,9 +81,13 @@ def test_train_writes_model_loss_curve_metrics_and_run_link(workspace: Path) -> 
     assert lines[0] == "step,loss,lr,grad_norm"
     assert [int(line.split(",")[0]) for line in lines[1:]] == [2, 4, 6]
     record = read(workspace / paths.TRAIN_METRICS)
-    assert record["steps"] == 6 and record["world_size"] == 1
-    link = read(workspace / paths.MLFLOW_RUN)
-    assert len(link["run_id"]) == 32
+    assert record["steps"] == 6 and set(record) == {"steps", "final_loss"}
+    assert read(workspace / "runs/timing/train.json")["world_size"] == 1
+    (link,) = (workspace / paths.TRAIN_DIR).glob("mlflow-*.json")  # the run to resume into
+    assert len(read(link)["run_id"]) == 32
+    assert read(workspace / "provenance/train.json")["model_sha256"] == file_digest(
+        workspace / paths.MODEL
+    )
 
 
 def test_train_again_resumes_from_the_final_checkpoint(workspace: Path) -> None:
@@ -135,12 +140,13 @@ def test_unconditional_method_samples_the_null_label(workspace: Path) -> None:
     params = params_with(cond2=spec, uncond2={**spec, "unconditional": True})
     with contextlib.chdir(workspace):
         sample.run(params, "cond2")
-        record = sample.run(params, "uncond2")
+        sample.run(params, "uncond2")
         scored = evaluate.run(params, "uncond2")
         denoiser, process, _ = sample.load_model(default_device())
     cond = load_checkpoint(workspace / paths.samples_dir("cond2") / "samples.pt")
     uncond = load_checkpoint(workspace / paths.samples_dir("uncond2") / "samples.pt")
-    assert uncond["labels"] is None and record["conditional"] is False
+    assert uncond["labels"] is None
+    assert read(workspace / "provenance/sample@uncond2.json")["conditional"] is False
     assert not torch.equal(cond["images"], uncond["images"])
     null = torch.full((20,), denoiser.net.null_label, dtype=torch.int64)
     with torch.no_grad():
@@ -288,7 +294,7 @@ def test_train_interrupt_and_nan_exit_codes_and_run_status(
         result = CliRunner().invoke(app, ["train", "--params", str(params_file)])
     assert result.exit_code == exit_code
     assert result.stderr.count("\n") == 1
-    link = next((workspace / paths.CHECKPOINTS).glob("mlflow-*.json"))
+    link = next((workspace / paths.TRAIN_DIR).glob("mlflow-*.json"))
     run_id = json.loads(link.read_text())["run_id"]
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     assert client.get_run(run_id).info.status == status

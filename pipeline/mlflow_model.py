@@ -1,0 +1,140 @@
+"""The trained network as an MLflow Model: a pyfunc whose ``predict`` generates images.
+
+Input, one row per image (a pandas DataFrame):
+
+* ``seed`` (long, required): image ``i`` draws its prior sample and all its noise from ``seed``,
+  so the same seed gives the same image whatever else is in the batch;
+* ``label`` (long, optional): the class to generate; ``-1`` (or a missing column) is the null
+  label, i.e. the unconditional model.
+
+Params (MLflow inference params, all optional): ``sampler`` (``ddim``; any name of
+``diffusion_core.samplers.SAMPLERS``), ``steps`` (50), ``guidance`` (classifier-free guidance
+weight ``w``, 0), ``spacing`` (``uniform``), ``device`` (``auto``: CUDA when present).
+
+Output: ``uint8`` images of shape ``(N, C, H, W)``.
+
+Logged from code (``pipeline/mlflow_pyfunc_entry.py``), not pickled: loading the model runs this
+project's installed code on the checkpoint artifact, which is read with ``weights_only=True``::
+
+    import mlflow, pandas as pd
+    model = mlflow.pyfunc.load_model("models:/diffusion-digits/1")
+    images = model.predict(pd.DataFrame({"seed": range(8), "label": [3] * 8}),
+                           params={"sampler": "ddim", "steps": 20, "guidance": 1.0})
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+
+# MLflow asks for type hints on ``predict``; its validation does not fit a DataFrame + params API
+warnings.filterwarnings("ignore", message=r".*type hints to the `predict` method")
+
+ENTRY = Path(__file__).with_name("mlflow_pyfunc_entry.py")
+PIP_REQUIREMENTS = ["diffusion-toolkit", "torch", "numpy", "pandas", "mlflow"]
+
+
+class DiffusionSampler(mlflow.pyfunc.PythonModel):
+    """Generates images from a ``runs/train/model.pt`` checkpoint (artifact ``checkpoint``)."""
+
+    def load_context(self, context: Any) -> None:
+        self.checkpoint = Path(context.artifacts["checkpoint"])
+        self._loaded: dict[str, Any] = {}
+
+    def _model(self, device: torch.device) -> Any:
+        if device.type not in self._loaded:
+            from pipeline.sample import load_model
+
+            self._loaded[device.type] = load_model(device, self.checkpoint)
+        return self._loaded[device.type]
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001 (MLflow reads hints)
+        from diffusion_core.data import to_uint8
+        from diffusion_core.distributed import default_device
+        from diffusion_core.guidance import ClassifierFreeGuidance
+        from diffusion_core.samplers import generate
+
+        p = {"sampler": "ddim", "steps": 50, "guidance": 0.0, "spacing": "uniform",
+             "device": "auto", **(params or {})}
+        device = default_device() if p["device"] == "auto" else torch.device(p["device"])
+        denoiser, process, _ = self._model(device)
+        net = denoiser.net
+        seeds = [int(s) for s in model_input["seed"]]
+        labels = None
+        if net.num_classes > 0 and "label" in model_input:
+            raw = np.asarray(model_input["label"], dtype=np.float64)
+            raw = np.where(np.isnan(raw) | (raw < 0), net.num_classes, raw)  # null label
+            if (raw > net.num_classes).any():
+                raise ValueError(f"label must be in 0..{net.num_classes - 1} or -1")
+            labels = torch.as_tensor(raw, dtype=torch.int64)
+        elif "label" in model_input and (np.asarray(model_input["label"]) >= 0).any():
+            raise ValueError("this model is unconditional: leave out `label` or use -1")
+        guided = denoiser
+        if float(p["guidance"]) > 0:
+            if labels is None:
+                raise ValueError("guidance needs a class-conditional model and labels")
+            guided = ClassifierFreeGuidance(denoiser, float(p["guidance"]))
+        shape = (net.in_channels, net.image_size, net.image_size)
+        with torch.no_grad():
+            out = generate(
+                guided, process, str(p["sampler"]), shape=shape, seeds=seeds, labels=labels,
+                steps=int(p["steps"]), spacing=str(p["spacing"]), device=device,
+            )
+        return to_uint8(out.x.cpu()).numpy()
+
+
+def signature(channels: int, size: int) -> Any:
+    """Input columns, inference params and output tensor of :class:`DiffusionSampler`."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("long", "seed"), ColSpec("long", "label", required=False)]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, channels, size, size))]),
+        params=ParamSchema(
+            [
+                ParamSpec("sampler", "string", "ddim"),
+                ParamSpec("steps", "long", 50),
+                ParamSpec("guidance", "double", 0.0),
+                ParamSpec("spacing", "string", "uniform"),
+                ParamSpec("device", "string", "auto"),
+            ]
+        ),
+    )
+
+
+def log_pyfunc(uri: str, run_id: str, model_file: Path, registered_name: str | None) -> str | None:
+    """Log ``model_file`` as the pyfunc ``model`` of run ``run_id`` in the store ``uri``;
+    register it as ``registered_name`` when given. Returns the registered version or None."""
+    from diffusion_core.checkpoint import load_checkpoint
+
+    config = load_checkpoint(model_file, map_location="cpu")["model_config"]
+    channels, size = int(config["in_channels"]), int(config["image_size"])
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    # the fluent API needs a global tracking URI; MLflow mirrors it into the environment, so
+    # put the caller's $MLFLOW_TRACKING_URI back afterwards
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri), mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(ENTRY),
+                artifacts={"checkpoint": str(model_file)},
+                signature=signature(channels, size),
+                pip_requirements=PIP_REQUIREMENTS,
+                registered_model_name=registered_name,
+            )
+    finally:
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
+    version = getattr(info, "registered_model_version", None)
+    return None if version is None else str(version)
