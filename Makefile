@@ -11,11 +11,13 @@ STAMP := $(VENV)/.install-stamp
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test
+.PHONY: help install run test ui browser-check
 
 help:
 	@echo "make run   - set up .venv and reproduce the pipeline (dvc repro)"
 	@echo "make test  - set up .venv, ruff check and pytest"
+	@echo "make ui    - MLflow UI on this repo's store (http://127.0.0.1:5000, runs table)"
+	@echo "make browser-check - check dvc plots + MLflow UI in headless Chromium, README screenshots"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +34,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# The MLflow UI opens on the runs table of the first experiment with this URL.
+ui: $(STAMP)
+	@echo "runs table: http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+	$(BIN)/mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+
+browser-check: $(STAMP)
+	$(BIN)/python docs/tools/browser_check.py --repo . --screenshots docs/img

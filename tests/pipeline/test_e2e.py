@@ -35,6 +35,8 @@ def make_repo(root: Path, raw: dict[str, Any]) -> dict[str, str]:
         env.pop(var, None)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True, env=env)
     dvc(root, env, "init", "-q")
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")  # the offline page
     return env
 
 
