@@ -44,3 +44,23 @@ def sample_metrics(method: str) -> Path:
 
 def eval_metrics(method: str) -> Path:
     return Path("metrics/eval") / f"{method}.json"
+
+
+def method_files(method: str) -> list[Path]:
+    """The small per-method files kept in Git (and the timings beside them)."""
+    return [
+        grid_path(method),
+        sample_metrics(method),
+        eval_metrics(method),
+        Path("provenance") / f"sample@{method}.json",
+        Path("provenance") / f"evaluate@{method}.json",
+        Path("runs/timing") / f"sample@{method}.json",
+    ]
+
+
+def stale_method_files(configured: set[str]) -> list[Path]:
+    """Per-method files of methods no longer in ``params.yaml`` (their stages are gone)."""
+    found = {p.stem for p in Path("reports/grids").glob("*.png")}
+    for folder in (Path("metrics/sample"), Path("metrics/eval")):
+        found |= {p.stem for p in folder.glob("*.json")}
+    return [f for m in sorted(found - configured) for f in method_files(m) if f.exists()]

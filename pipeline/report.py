@@ -186,8 +186,21 @@ def fid_vs_nfe_csv(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prune_removed_methods(params: Params) -> list[str]:
+    """Delete the grids, metrics, provenance and timings of methods removed from params.yaml,
+    so that neither this report, `dvc plots show` nor MLflow shows them again."""
+    stale = paths.stale_method_files(set(params.methods))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        print(f"removed {len(stale)} file(s) of methods no longer in params: "
+              + ", ".join(sorted({p.stem.partition("@")[2] or p.stem for p in stale})))
+    return [str(p) for p in stale]
+
+
 def run(params: Params) -> dict[str, Any]:
     """Summarise every method; returns the summary record."""
+    prune_removed_methods(params)
     rows = [method_row(params, name) for name in params.methods]
     families = guidance_families(params, rows)
     tradeoff = guidance_rows(families)

@@ -3,6 +3,7 @@ trade-off CSVs, the figures and the MLflow trade-off curve (no training needed).
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 from typing import Any
@@ -123,3 +124,18 @@ def test_skipped_guided_method_leaves_the_curve(workdir: Path) -> None:
     report.run(params_of(methods))
     rows = (workdir / paths.GUIDANCE_TRADEOFF).read_text().splitlines()[1:]
     assert [r.split(",")[0] for r in rows] == ["a", "b1"]
+
+
+def test_files_of_removed_methods_are_pruned(workdir: Path) -> None:
+    write_records(METHODS)
+    for name in ("a", "gone"):
+        write_json(paths.sample_metrics(name), {"status": "ok", "nfe": 5.0})
+        write_json(paths.eval_metrics(name), {"status": "ok"})
+        paths.grid_path(name).parent.mkdir(parents=True, exist_ok=True)
+        paths.grid_path(name).write_bytes(b"png")
+    with contextlib.redirect_stdout(io.StringIO()):
+        report.run(params_of(METHODS))
+    assert not paths.grid_path("gone").exists()
+    assert not paths.sample_metrics("gone").exists() and not paths.eval_metrics("gone").exists()
+    assert paths.grid_path("a").exists() and paths.eval_metrics("a").exists()
+    assert "gone" not in (workdir / paths.SUMMARY_MD).read_text()
