@@ -129,10 +129,10 @@ def test_skipped_guided_method_leaves_the_curve(workdir: Path) -> None:
 def test_files_of_removed_methods_are_pruned(workdir: Path) -> None:
     write_records(METHODS)
     for name in ("a", "gone"):
-        write_json(paths.sample_metrics(name), {"status": "ok", "nfe": 5.0})
-        write_json(paths.eval_metrics(name), {"status": "ok"})
         paths.grid_path(name).parent.mkdir(parents=True, exist_ok=True)
         paths.grid_path(name).write_bytes(b"png")
+    write_json(paths.sample_metrics("gone"), {"status": "ok", "nfe": 5.0})
+    write_json(paths.eval_metrics("gone"), {"status": "ok"})
     with contextlib.redirect_stdout(io.StringIO()):
         report.run(params_of(METHODS))
     assert not paths.grid_path("gone").exists()
