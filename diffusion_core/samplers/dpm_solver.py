@@ -11,6 +11,10 @@ solvers expand ``D`` in ``lambda`` through the previous evaluations (multistep):
 * 3M (Lu et al. 2022, DPM-Solver eq. 3.6 in data form): ``x_s = (sigma_s/sigma_t) x_t
   + alpha_s [h phi_1 D_0 + h phi_2 D_1 - h phi_3 D_2]`` with ``phi_1 = (1 - e^{-h})/h``,
   ``phi_{k+1} = (phi_k - 1/k!)/h`` and ``D_1, D_2`` the first and second divided differences;
+  the coefficients are those of the paper's reference code (and diffusers, k-diffusion). Note:
+  ``D_2 ~ h^2 D''/2``, for which the Taylor-exact weight is ``2 h phi_3``; with ``h phi_3`` the
+  update is third order only up to an O(h^3) local term, and on the exact Gaussian ODE
+  (tests/diffusion_core/test_fast_samplers.py) 3M converges at order 2, still below 2M's error;
 * 2M-SDE (Lu et al. 2022, Sec. 5 / App. "SDE-DPM-Solver++(2M)"), the exact solution of the
   reverse SDE with the same expansion: ``x_s = (sigma_s/sigma_t) e^{-h} x_t
   + alpha_s (1 - e^{-2h}) (D_0 + (D_0 - D_{-1}) / (2r)) + sigma_s sqrt(1 - e^{-2h}) z``.
