@@ -32,7 +32,8 @@ DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo(size=70000, image_size=28, channels=1, num_classes=10, pixel_levels=256),
 }
 
-SAMPLERS = ("ddpm", "ddim", "sde", "pc", "ode_heun", "ode_rk45")
+SAMPLERS = ("ddpm", "ddim", "sde", "pc", "ode_heun", "ode_rk45",
+            "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "edm_heun")
 METHOD_NAME = r"^[a-z][a-z0-9_-]*$"
 # Train settings that do not change what is learned (the library makes the global batch
 # independent of nproc): changing them keeps checkpoints resumable.
@@ -166,8 +167,41 @@ class RK45Method(_Method):
     atol: float = Field(1.0e-5, gt=0.0)
 
 
+class DPMSolverMethod(_Method):
+    """DPM-Solver++ 2M / 3M / 2M-SDE (Lu et al. 2022): one evaluation per step."""
+
+    sampler: Literal["dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"]
+    steps: int = Field(ge=1)
+    spacing: Literal["uniform", "quadratic"] = "uniform"
+    lower_order_final: bool = True
+
+
+class UniPCMethod(_Method):
+    """UniPC bh2 (Zhao et al. 2023): one evaluation per step."""
+
+    sampler: Literal["unipc"]
+    steps: int = Field(ge=1)
+    order: int = Field(2, ge=1, le=3)
+    spacing: Literal["uniform", "quadratic"] = "uniform"
+    lower_order_final: bool = True
+
+
+class EDMHeunMethod(_Method):
+    """EDM Heun with churn (Karras et al. 2022, Algorithm 2): 2 steps - 1 evaluations.
+    ``s_tmin``/``s_tmax`` bound the churned noise levels sigma/alpha (1e3 = above any here)."""
+
+    sampler: Literal["edm_heun"]
+    steps: int = Field(ge=2)
+    spacing: Literal["uniform", "quadratic"] = "uniform"
+    s_churn: float = Field(0.0, ge=0.0)
+    s_tmin: float = Field(0.0, ge=0.0)
+    s_tmax: float = Field(1.0e3, ge=0.0)
+    s_noise: float = Field(1.0, ge=0.0)
+
+
 Method = Annotated[
-    DDPMMethod | DDIMMethod | SDEMethod | PCMethod | HeunMethod | RK45Method,
+    DDPMMethod | DDIMMethod | SDEMethod | PCMethod | HeunMethod | RK45Method
+    | DPMSolverMethod | UniPCMethod | EDMHeunMethod,
     Field(discriminator="sampler"),
 ]
 MethodName = Annotated[str, Field(pattern=METHOD_NAME)]

@@ -20,8 +20,11 @@ from diffusion_core.rng import StackedRNG
 from diffusion_core.samplers.base import SampleResult
 from diffusion_core.samplers.ddim import ddim, ddim_invert
 from diffusion_core.samplers.ddpm import ddpm
+from diffusion_core.samplers.dpm_solver import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m
+from diffusion_core.samplers.edm import edm_heun
 from diffusion_core.samplers.ode import dopri5, heun_ode, ode_velocity, rk45_ode
 from diffusion_core.samplers.sde import euler_maruyama, langevin_correct, predictor_corrector
+from diffusion_core.samplers.unipc import unipc
 
 SAMPLERS: dict[str, Callable[..., SampleResult]] = {
     "ddpm": ddpm,
@@ -30,6 +33,12 @@ SAMPLERS: dict[str, Callable[..., SampleResult]] = {
     "pc": predictor_corrector,
     "ode_heun": heun_ode,
     "ode_rk45": rk45_ode,
+    # fast samplers (issue #12): one evaluation per step, edm_heun two (2N - 1 in all)
+    "dpmpp_2m": dpmpp_2m,
+    "dpmpp_3m": dpmpp_3m,
+    "dpmpp_2m_sde": dpmpp_2m_sde,
+    "unipc": unipc,
+    "edm_heun": edm_heun,
 }
 
 #: settings each sampler accepts beyond the common signature
@@ -40,6 +49,11 @@ SAMPLER_SETTINGS: dict[str, tuple[str, ...]] = {
     "pc": ("snr", "corrector_steps"),
     "ode_heun": (),
     "ode_rk45": ("rtol", "atol"),
+    "dpmpp_2m": ("lower_order_final",),
+    "dpmpp_3m": ("lower_order_final",),
+    "dpmpp_2m_sde": ("lower_order_final",),
+    "unipc": ("order", "lower_order_final"),
+    "edm_heun": ("s_churn", "s_tmin", "s_tmax", "s_noise"),
 }
 
 
@@ -55,7 +69,7 @@ def compatible(sampler: str, process: NoiseProcess, steps: int | None = None) ->
         if process.discrete and steps > process.num_steps:  # type: ignore[attr-defined]
             return (f"{sampler} with {steps} steps does not fit a discrete DDPM of "
                     f"{process.num_steps} steps")  # type: ignore[attr-defined]
-        if sampler in ("ode_heun", "sde", "pc") and steps < 2:
+        if sampler in ("ode_heun", "sde", "pc", "edm_heun") and steps < 2:
             return f"{sampler} needs at least 2 steps (the last one is the denoising step)"
     return None
 
@@ -98,4 +112,5 @@ __all__ = [
     "dopri5", "euler_maruyama", "generate", "heun_ode", "langevin_correct", "ode_velocity",
     "predictor_corrector",
     "rk45_ode",
+    "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "edm_heun", "unipc",
 ]

@@ -38,6 +38,8 @@ def test_default_params_validate() -> None:
     assert {"ddpm", "ddim50"} <= set(params.methods)
     assert params.methods["ddim50"].settings() == {"eta": 0.0}
     assert params.methods["ddpm"].settings() == {"variance": "posterior"}
+    assert params.methods["dpmpp10"].settings() == {"lower_order_final": True}
+    assert params.methods["unipc10"].settings() == {"order": 2, "lower_order_final": True}
     assert params.sample.n_images <= params.test_size
 
 
@@ -72,6 +74,12 @@ BAD: list[tuple[str, Edit, str]] = [
         "methods.ddim50.eta",
     ),
     ("unknown sampler", _method("x", {"sampler": "euler", "steps": 5}), "methods.x.sampler"),
+    ("unipc order 4", _method("x", {"sampler": "unipc", "steps": 5, "order": 4}), "methods.x.order"),
+    (
+        "edm heun 1 step",
+        _method("x", {"sampler": "edm_heun", "steps": 1}),
+        "methods.x.steps: Input should be greater than or equal to 2",
+    ),
     ("no sampler", _method("x", {"steps": 5}), "methods.x.sampler: Field required"),
     ("bad method name", _method("Big One", {"sampler": "ddim", "steps": 5}), "methods.Big One"),
     (

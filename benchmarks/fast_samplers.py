@@ -1,0 +1,305 @@
+"""Fast samplers: quality per compute on the trained model, and speed against diffusers.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/fast_samplers.py \
+        --model runs/train/model.pt --classifier models/classifier.pt \
+        --reference models/reference_features.pt [--n 400] [--nfe 5,8,10,15,20,50]
+
+Part 1 (quality, needs the pipeline's trained model and classifier): FID with the classifier
+features (the pipeline's ``fid_classifier``) against NFE for DDIM, DPM-Solver++ 2M/3M, UniPC-2/3
+and EDM Heun (Karras sigmas, rho = 7; ``steps = (NFE + 1) / 2``), DDPM-1000 as reference, and the
+real-data floor (test vs train features). Same seeds and labels (class ``i % 10``) for every row.
+The interval is a bias-shifted bootstrap over the generated images (``--bootstrap`` resamples; the
+evaluation issue's intervals can replace :func:`fid_interval`).
+Part 2 (speed, random weights suffice): the default U-Net driven by our sampler and by diffusers'
+scheduler loop at equal NFE on the same noise; overhead = sampler wall time / (NFE x one batched
+network forward). Skip a part with ``--skip-quality`` / ``--skip-speed``.
+Results: ``benchmarks/results/fast_samplers_{quality,speed}.csv`` and ``fast_samplers.md`` (+ plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results"
+
+QUALITY_METHODS = {  # name: (sampler, settings, spacing)
+    "ddim": ("ddim", {}, "uniform"),
+    "dpmpp_2m": ("dpmpp_2m", {}, "uniform"),
+    "dpmpp_3m": ("dpmpp_3m", {}, "uniform"),
+    "unipc2": ("unipc", {"order": 2}, "uniform"),
+    "unipc3": ("unipc", {"order": 3}, "uniform"),
+    "edm_heun": ("edm_heun", {}, "karras"),
+}
+
+
+def environment() -> dict[str, str]:
+    return {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
+            "torch": torch.__version__, "threads": str(torch.get_num_threads()),
+            "command": shlex.join([Path(sys.executable).name, *sys.argv])}
+
+
+def karras_grid(process, steps: int, rho: float = 7.0) -> torch.Tensor:
+    """Times whose EDM noise levels sigma/alpha follow Karras et al. 2022, eq. 5, then 0."""
+    from diffusion_core.samplers.edm import edm_sigma, time_of_sigma
+
+    hi, lo = edm_sigma(process, 1.0), edm_sigma(process, process.t_min)
+    u = torch.linspace(0, 1, steps, dtype=torch.float64)
+    sig = (hi ** (1 / rho) + u * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    inner = [time_of_sigma(process, float(s)) for s in sig[1:-1]]
+    return torch.tensor([1.0, *inner, process.t_min, 0.0], dtype=torch.float64)
+
+
+def fid_interval(sample_f: np.ndarray, train_f: np.ndarray, reps: int, seed: int = 0):
+    """FID and a 95% bootstrap interval over the generated images. Resampling with replacement
+    duplicates images, which biases the resampled FIDs upwards by far more than their spread, so
+    the percentile interval is shifted by the bootstrap's bias: ``[q_2.5, q_97.5] - (mean - F)``."""
+    from diffusion_core.metrics import fid_from_features
+
+    fid = fid_from_features(sample_f, train_f)
+    if reps <= 0:
+        return fid, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    n = sample_f.shape[0]
+    boot = [fid_from_features(sample_f[rng.integers(0, n, n)], train_f) for _ in range(reps)]
+    q_lo, q_hi = np.percentile(boot, [2.5, 97.5])
+    bias = float(np.mean(boot)) - fid
+    return fid, max(0.0, float(q_lo) - bias), float(q_hi) - bias
+
+
+def quality(args) -> list[dict]:
+    from diffusion_core.checkpoint import load_checkpoint
+    from diffusion_core.data import from_uint8, to_uint8
+    from diffusion_core.denoiser import Denoiser
+    from diffusion_core.processes import make_process
+    from diffusion_core.rng import StackedRNG
+    from diffusion_core.samplers import SAMPLERS
+    from diffusion_core.unet import UNet
+    from pipeline.classifier import FeatureClassifier, features
+
+    m = load_checkpoint(args.model, map_location="cpu")
+    net = UNet(**m["model_config"])
+    net.load_state_dict(m["ema"])
+    process = make_process(**m["process"])
+    den = Denoiser(net.eval(), process, m["prediction"])
+    c = load_checkpoint(args.classifier, map_location="cpu")
+    clf = FeatureClassifier(**c["config"])
+    clf.load_state_dict(c["state_dict"])
+    clf.eval()
+    ref = load_checkpoint(args.reference, map_location="cpu")
+    train_f, test_f = ref["train"].numpy(), ref["test"].numpy()[: args.n]
+    n = args.n
+    labels = torch.arange(n) % max(net.num_classes, 1) if net.num_classes else None
+    seeds = list(range(n))
+    shape = (n, net.in_channels, net.image_size, net.image_size)
+    env = environment()
+    rows: list[dict] = []
+
+    def score(name, sampler, steps, grid, settings, spacing):
+        rng = StackedRNG(seeds)
+        x_T = process.prior_sample(shape, rng)
+        start = time.perf_counter()
+        out = SAMPLERS[sampler](den, process, x_T, grid, labels=labels, rng=rng, **settings)
+        wall = time.perf_counter() - start
+        images = from_uint8(to_uint8(out.x))  # as the pipeline stores and scores them
+        f = features(clf, images, 500, torch.device("cpu")).numpy()
+        fid, lo, hi = fid_interval(f, train_f, args.bootstrap)
+        row = {"method": name, "steps": steps, "nfe": out.nfe, "spacing": spacing,
+               "fid": round(fid, 3), "fid_lo": round(lo, 3), "fid_hi": round(hi, 3),
+               "wall_s": round(wall, 2), "n_images": n, **env}
+        print(f"{name:9s} steps {steps:4d} NFE {out.nfe:4d}  FID {fid:7.3f} "
+              f"[{lo:.3f}, {hi:.3f}]  {wall:.1f} s", flush=True)
+        rows.append(row)
+
+    fid, lo, hi = fid_interval(test_f, train_f, args.bootstrap)
+    rows.append({"method": "real data (floor)", "steps": 0, "nfe": 0, "spacing": "",
+                 "fid": round(fid, 3), "fid_lo": round(lo, 3), "fid_hi": round(hi, 3),
+                 "wall_s": 0.0, "n_images": n, **env})
+    print(f"floor FID {fid:.3f} [{lo:.3f}, {hi:.3f}]")
+    if not args.no_ddpm:
+        score("ddpm1000", "ddpm", 1000, process.time_grid(1000), {}, "uniform")
+    for name in args.methods.split(","):
+        sampler, settings, spacing = QUALITY_METHODS[name]
+        for nfe in args.nfe:
+            steps = (nfe + 1) // 2 if sampler == "edm_heun" else nfe
+            if sampler == "edm_heun" and steps < 2:
+                continue
+            grid = (karras_grid(process, steps) if spacing == "karras"
+                    else process.time_grid(steps, spacing))
+            score(name, sampler, steps, grid, settings, spacing)
+    return rows
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def speed(args) -> list[dict]:
+    import diffusers
+
+    from diffusion_core.denoiser import Denoiser
+    from diffusion_core.processes import DiscreteDDPM
+    from diffusion_core.samplers import SAMPLERS
+    from pipeline.config import load_params
+    from pipeline.train import build_unet
+
+    params = load_params(ROOT / "params.yaml")
+    torch.manual_seed(0)
+    net = build_unet(params).eval()
+    process = DiscreteDDPM(1000)
+    den = Denoiser(net, process, "eps")
+    b = args.speed_batch
+    info = params.dataset
+    x_T = torch.randn(b, info.channels, info.image_size, info.image_size,
+                      generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(b) % info.num_classes
+    t_one = torch.full((b,), 0.5)
+    env = environment()
+    with torch.no_grad():
+        forward = _median_time(lambda: net(x_T, t_one, labels), args.repeats)
+    rows = []
+    schedulers = {
+        "dpmpp_2m": (lambda: diffusers.DPMSolverMultistepScheduler(
+            algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero"), {}),
+        "unipc": (lambda: diffusers.UniPCMultistepScheduler(solver_order=2), {"order": 2}),
+    }
+    for nfe in args.speed_nfe:
+        for sampler, (make, settings) in schedulers.items():
+            sched = make()
+            sched.set_timesteps(nfe)
+            ks = [int(k) for k in sched.timesteps]
+            grid = torch.tensor([(k + 1) / 1000 for k in ks] + [0.0], dtype=torch.float64)
+            tk = [torch.full((b,), (k + 1) / 1000) for k in ks]
+
+            def ref_loop(sched=sched, tk=tk, nfe=nfe):
+                sched.set_timesteps(nfe)
+                x = x_T
+                with torch.no_grad():
+                    for k, t in zip(sched.timesteps, tk, strict=True):
+                        x = sched.step(net(x, t, labels), k, x).prev_sample
+                return x
+
+            def our_loop(sampler=sampler, grid=grid, settings=settings):
+                return SAMPLERS[sampler](den, process, x_T, grid, labels=labels, **settings).x
+
+            ours_s = _median_time(our_loop, args.repeats)
+            theirs_s = _median_time(ref_loop, args.repeats)
+            diff = (our_loop() - ref_loop()).abs().max().item()
+            row = {"sampler": sampler, "nfe": nfe, "batch": b,
+                   "forward_ms": round(1e3 * forward, 2),
+                   "ours_s": round(ours_s, 4), "diffusers_s": round(theirs_s, 4),
+                   "ours_overhead": round(ours_s / (nfe * forward), 3),
+                   "diffusers_overhead": round(theirs_s / (nfe * forward), 3),
+                   "ours_vs_diffusers": round(ours_s / theirs_s, 3),
+                   "max_abs_diff": f"{diff:.1e}", **env}
+            print(f"{sampler:9s} NFE {nfe:3d}  ours {ours_s:.3f} s (x{row['ours_overhead']}) "
+                  f"diffusers {theirs_s:.3f} s (x{row['diffusers_overhead']})  "
+                  f"max|diff| {diff:.1e}", flush=True)
+            rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name in dict.fromkeys(r["method"] for r in rows if r["nfe"] and r["steps"] < 1000):
+        rs = [r for r in rows if r["method"] == name]
+        ax.errorbar([r["nfe"] for r in rs], [r["fid"] for r in rs], marker="o", label=name,
+                    yerr=[[r["fid"] - r["fid_lo"] for r in rs], [r["fid_hi"] - r["fid"] for r in rs]],
+                    capsize=2)
+    for r in rows:
+        if r["steps"] == 1000 or r["nfe"] == 0:
+            ax.axhline(r["fid"], ls="--" if r["nfe"] else ":", color="gray")
+            ax.text(5, r["fid"], r["method"], fontsize=7, va="bottom")
+    ax.set(xscale="log", xlabel="NFE", ylabel="FID (classifier features)",
+           title="Quality per compute (dashed: DDPM-1000, dotted: real data)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def markdown(quality_rows: list[dict], speed_rows: list[dict]) -> str:
+    lines = []
+    for title, rows, keys in [
+        ("Quality per compute", quality_rows,
+         ["method", "steps", "nfe", "spacing", "fid", "fid_lo", "fid_hi", "wall_s"]),
+        ("Speed at equal NFE", speed_rows,
+         ["sampler", "nfe", "batch", "forward_ms", "ours_s", "diffusers_s", "ours_overhead",
+          "diffusers_overhead", "ours_vs_diffusers", "max_abs_diff"]),
+    ]:
+        if not rows:
+            continue
+        env = rows[0]
+        lines += [f"### {title}", "",
+                  f"`{env['command']}` on {env['machine']}, torch {env['torch']}, "
+                  f"{env['threads']} threads", "",
+                  "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="runs/train/model.pt")
+    ap.add_argument("--classifier", default="models/classifier.pt")
+    ap.add_argument("--reference", default="models/reference_features.pt")
+    ap.add_argument("--n", type=int, default=400)
+    ap.add_argument("--nfe", type=lambda s: [int(v) for v in s.split(",")],
+                    default=[5, 8, 10, 15, 20, 50])
+    ap.add_argument("--methods", default=",".join(QUALITY_METHODS))
+    ap.add_argument("--bootstrap", type=int, default=100)
+    ap.add_argument("--no-ddpm", action="store_true", help="skip the DDPM-1000 reference row")
+    ap.add_argument("--speed-nfe", type=lambda s: [int(v) for v in s.split(",")], default=[10, 20])
+    ap.add_argument("--speed-batch", type=int, default=400)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    q = [] if args.skip_quality else quality(args)
+    s = [] if args.skip_speed else speed(args)
+    if q:
+        write_csv(q, args.out / "fast_samplers_quality.csv")
+        plot(q, args.out / "fast_samplers_fid_nfe.png")
+    if s:
+        write_csv(s, args.out / "fast_samplers_speed.csv")
+    (args.out / "fast_samplers.md").write_text(markdown(q, s))
+    print(markdown(q, s))
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
