@@ -1,37 +1,106 @@
-"""Per-image random streams (as in EDM's ``StackedRandomGenerator``, Karras et al. 2022).
+"""Per-image random streams from a counter-based generator.
 
-Image ``i`` of a run draws all its noise from its own ``torch.Generator`` seeded with
-``seeds[i]``, so it is identical whatever the batch size, batch composition or process count.
+Image ``i`` of a run draws all its noise from its own stream, keyed by ``seeds[i]``, so it is
+identical whatever the batch size, batch composition or process count (the promise of EDM's
+``StackedRandomGenerator``, Karras et al. 2022). Unlike one ``torch.Generator`` per image, the
+streams are computed for the whole batch at once: draw number ``c`` of image ``i``, element
+``j`` is a pure function of ``(seeds[i], c, j)``,
+
+    key_ic = mix(seed_i * G1 + mix(c * G2))        element_j = mix(key_ic + (j + 1) * G3)
+
+with ``mix`` the SplitMix64 finaliser (Steele, Lea & Flood 2014, the output function of
+``java.util.SplittableRandom``), so a draw costs a fixed number of tensor operations however
+many images are in the batch: no per-image kernel launches, no host work per image
+(Salmon et al. 2011 argue the same for counter-based generators on GPUs). Normals come from
+Box-Muller on the two 24-bit uniforms of each 64-bit word
+(a word gives two normals).
+
+The streams are the same on CPU and CUDA (integer arithmetic wraps the same way on both), so
+a seed gives the same image on either device up to floating-point rounding.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    """A 64-bit constant as the int64 with the same bits."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+G1 = 0x9E3779B97F4A7C15  # odd multipliers: SplitMix64's golden-ratio gamma and two others
+G2 = 0xD1B54A32D192ED03
+G3 = _signed(0xBF58476D1CE4E5B9 ^ 0x9E3779B97F4A7C15)
+M1 = _signed(0xBF58476D1CE4E5B9)
+M2 = _signed(0x94D049BB133111EB)
+
+
+def _shr(x: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def mix64(x: Tensor) -> Tensor:
+    """SplitMix64's finaliser on int64 tensors (multiplication wraps modulo 2^64)."""
+    x = (x ^ _shr(x, 30)) * M1
+    x = (x ^ _shr(x, 27)) * M2
+    return x ^ _shr(x, 31)
+
 
 class StackedRNG:
-    """One generator per image; ``randn(shape)`` returns ``(len(seeds), *shape)``."""
+    """Per-image counter-based streams; ``randn(shape)`` returns ``(len(seeds), *shape)``.
+
+    ``draws`` counts the batched draws made so far: every call is one draw for the whole batch.
+    """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.seeds = [int(s) for s in seeds]
-        self.generators = [torch.Generator(self.device).manual_seed(s) for s in self.seeds]
+        keys = [_signed(s * G1) for s in self.seeds]
+        self._keys = torch.tensor(keys, dtype=torch.int64, device=self.device)
+        self.draws = 0
 
     def __len__(self) -> int:
-        return len(self.generators)
+        return len(self.seeds)
 
-    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
-        return torch.stack(
-            [torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype)
-             for g in self.generators])
+    def _words(self, shape: Sequence[int]) -> Tensor:
+        """One 64-bit word per element of ``(len(self), *shape)`` for the next draw."""
+        self.draws += 1
+        count = math.prod(shape)
+        counter = mix64(torch.tensor(_signed(self.draws * G2), dtype=torch.int64))
+        stream = mix64(self._keys + counter.to(self.device))  # one key per image
+        j = torch.arange(1, count + 1, device=self.device, dtype=torch.int64) * G3
+        words = mix64(stream[:, None] + j[None, :])
+        return words.view(len(self), *shape)
+
+    @staticmethod
+    def _uniform(bits24: Tensor, dtype: torch.dtype) -> Tensor:
+        """``(k + 0.5) / 2^24`` for 24-bit integers ``k``: uniform on (0, 1), never 0 or 1."""
+        return (bits24.to(torch.float64 if dtype == torch.float64 else torch.float32) + 0.5) * (
+            1.0 / (1 << 24)
+        )
 
     def rand(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
-        return torch.stack(
-            [torch.rand(tuple(shape), generator=g, device=self.device, dtype=dtype)
-             for g in self.generators])
+        words = self._words(tuple(shape))
+        return self._uniform(_shr(words, 40), dtype).to(dtype)
+
+    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
+        """Box-Muller: each word's two 24-bit uniforms give two normals (cos and sin)."""
+        count = math.prod(shape)
+        words = self._words(((count + 1) // 2,))
+        u1 = self._uniform(_shr(words, 40), dtype)
+        u2 = self._uniform(_shr(words, 16) & ((1 << 24) - 1), dtype)
+        radius, angle = torch.sqrt(-2.0 * torch.log(u1)), (2.0 * math.pi) * u2
+        normals = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
+        return normals[:, :count].reshape(len(self), *shape).to(dtype)
 
     def randn_like(self, x: Tensor) -> Tensor:
         if x.shape[0] != len(self):
