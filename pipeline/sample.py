@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion_core.checkpoint import load_checkpoint, save_atomic
+from diffusion_core.checkpoint import load_checkpoint, require_keys, save_atomic
 from diffusion_core.data import to_uint8
 from diffusion_core.denoiser import Denoiser
 from diffusion_core.distributed import default_device
@@ -45,6 +45,7 @@ def load_model(device: torch.device) -> tuple[Denoiser, NoiseProcess, dict[str, 
         m = load_checkpoint(paths.MODEL, map_location="cpu")
     except FileNotFoundError:
         raise StageError(f"{paths.MODEL} is missing: run the train stage first") from None
+    require_keys(m, paths.MODEL, ("model_config", "ema", "process", "prediction"))
     net = UNet(**m["model_config"])
     net.load_state_dict(m["ema"])
     process = make_process(**m["process"])
