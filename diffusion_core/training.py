@@ -232,8 +232,9 @@ class _StopOnSignal:
         self.signum = signum
         name = signal.Signals(signum).name
         # os.write, not print: print is not reentrant and the signal may land inside one.
-        msg = f"rank {self.rank}: {name} received, stopping after this step (checkpoint kept)\n"
-        os.write(2, msg.encode())
+        if self.rank == 0:  # every rank gets it; one line is enough
+            msg = f"{name} received, stopping after this step (checkpoint kept)\n"
+            os.write(2, msg.encode())
 
     def __exit__(self, *exc: object) -> None:
         for s, handler in self._previous.items():

@@ -5,6 +5,8 @@
 
 from pathlib import Path
 
+PARAMS_OK = Path("runs/params.ok")  # the `check` stage's output; every other stage needs it
+
 PREPARED = Path("data/prepared")
 TRAIN_DATA = PREPARED / "train.pt"
 TEST_DATA = PREPARED / "test.pt"

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from diffusion_core.distributed import DistInfo, cleanup, setup_distributed
+from diffusion_core.distributed import DistInfo, broadcast_object, cleanup, setup_distributed
 from diffusion_core.processes import make_process
 from diffusion_core.training import TrainConfig, TrainResult, train
 from diffusion_core.unet import UNet
@@ -28,6 +28,7 @@ from pipeline import paths
 from pipeline.config import Params, ParamsError, flatten, params_hash, train_config_hash
 from pipeline.errors import StageError, StageInterruptedError
 from pipeline.files import file_digest, git_commit, provenance, write_json, write_text
+from pipeline.locks import FolderLock
 from pipeline.prepare import load_split, tensor_digest
 from pipeline.tracking import Tracker, run_tags
 
@@ -151,6 +152,7 @@ def run(params: Params) -> TrainResult:
         dist = setup_distributed()
     except (ValueError, RuntimeError) as exc:
         raise StageError(f"cannot start distributed training: {exc}") from None
+    lock = _lock_checkpoints(dist)
     tracker: Tracker | None = None
     try:
         if dist.world_size != params.train.nproc and dist.is_main:
@@ -218,7 +220,24 @@ def run(params: Params) -> TrainResult:
             raise StageError(str(exc)) from None
         raise
     finally:
+        if lock is not None:
+            lock.release()
         cleanup()
+
+
+def _lock_checkpoints(dist: DistInfo) -> FolderLock | None:
+    """Rank 0 takes the checkpoint folder's lock; every rank fails alike if another has it."""
+    lock, refusal = None, None
+    if dist.is_main:
+        try:
+            lock = FolderLock.acquire(paths.CHECKPOINTS)
+        except StageError as exc:
+            refusal = str(exc)
+    refusal = broadcast_object(refusal)
+    if refusal is not None:
+        cleanup()
+        raise StageError(refusal)
+    return lock
 
 
 def _finish(
