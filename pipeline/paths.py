@@ -18,6 +18,7 @@ CLASSIFIER_METRICS = Path("metrics/classifier.json")
 
 TRAIN_DIR = Path("runs/train")
 CHECKPOINTS = TRAIN_DIR / "checkpoints"
+STALE = TRAIN_DIR / "stale"  # other configs' and unreadable checkpoints: not DVC-cached
 MODEL = TRAIN_DIR / "model.pt"
 LOSS_CSV = TRAIN_DIR / "loss.csv"
 MLFLOW_RUN = TRAIN_DIR / "mlflow_run.json"

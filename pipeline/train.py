@@ -204,6 +204,7 @@ def run(params: Params) -> TrainResult:
             on_log=on_log,
             progress=False,
             model_path=paths.MODEL,
+            archive_dir=paths.STALE,
         )
         wall_s = time.perf_counter() - start
         if result.interrupted:
