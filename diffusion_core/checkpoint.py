@@ -72,8 +72,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only load failed" not in str(err).lower():
-            raise CheckpointError(_unreadable(path, err)) from err
+        text = str(err).lower()
+        if "weights only load failed" not in text or "global" not in text:
+            raise CheckpointError(_unreadable(path, err)) from None  # not a pickle at all
         # torch's own message advises weights_only=False: never do that with an untrusted file.
         raise CheckpointError(
             f"refused to load {path}: it holds Python objects other than tensors and plain "
@@ -81,7 +82,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             f"re-create it from a trusted source (re-run the step that writes it)"
         ) from None
     except Exception as err:  # torch raises RuntimeError, EOFError, KeyError, ...
-        raise CheckpointError(_unreadable(path, err)) from err
+        raise CheckpointError(_unreadable(path, err)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(
             f"{path} holds a {type(obj).__name__}, expected a dict: "

@@ -52,7 +52,7 @@ class DataParams(_Section):
 
 class ProcessParams(_Section):
     name: Literal["ddpm", "vp", "subvp", "ve"]
-    num_steps: int = Field(ge=1)
+    num_steps: int = Field(ge=1, le=100_000)  # the schedule tables are allocated
     schedule: Literal["linear", "cosine"]
     beta_start: float = Field(gt=0.0, lt=1.0)
     beta_end: float = Field(gt=0.0, lt=1.0)
