@@ -29,6 +29,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 run: $(STAMP)
+	$(BIN)/python -m pipeline check-params
 	$(BIN)/dvc repro
 
 test: $(STAMP)

@@ -13,13 +13,15 @@ one that actually loads, falling back to older ones when the newest is truncated
 from __future__ import annotations
 
 import os
+import pickle
 import re
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from diffusion_core.atomic import atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -29,13 +31,12 @@ __all__ = [
     "load_checkpoint",
     "load_latest_checkpoint",
     "prune_checkpoints",
+    "require_keys",
     "save_atomic",
     "scan_checkpoints",
 ]
 
 _CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class CheckpointError(RuntimeError):
@@ -49,41 +50,14 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:08d}.pt"
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically: temp file in the same folder, fsync, replace.
+    """``torch.save(obj)`` to ``path`` atomically (:func:`diffusion_core.atomic.atomic_write`:
+    temp file in the same folder, fsync, the umask's permissions, replace).
 
     If anything fails (serialisation error, full disk, interrupt) the temporary file is removed
     and an existing file at ``path`` is left untouched. Returns ``path`` as a ``Path``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; use the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -97,14 +71,42 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except pickle.UnpicklingError as err:
+        text = str(err).lower()
+        if "weights only load failed" not in text or "global" not in text:
+            raise CheckpointError(_unreadable(path, err)) from None  # not a pickle at all
+        # torch's own message advises weights_only=False: never do that with an untrusted file.
         raise CheckpointError(
-            f"cannot read checkpoint {path} (truncated, corrupt or not tensors-only): {first}"
-        ) from err
+            f"refused to load {path}: it holds Python objects other than tensors and plain "
+            f"types (loading it could run code); do not load it with weights_only=False, "
+            f"re-create it from a trusted source (re-run the step that writes it)"
+        ) from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, KeyError, ...
+        raise CheckpointError(_unreadable(path, err)) from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__}, expected a dict: "
+            "re-create it (re-run the step that writes it)"
+        )
     return obj
+
+
+def _unreadable(path: Path, err: BaseException) -> str:
+    size = path.stat().st_size if path.exists() else 0
+    return (
+        f"cannot read {path} ({size} bytes): truncated or corrupt "
+        f"({type(err).__name__}); delete it and re-create it (re-run the step that writes it)"
+    )
+
+
+def require_keys(obj: dict[str, Any], path: str | os.PathLike, keys: Iterable[str]) -> None:
+    """Raise :class:`CheckpointError` naming the ``keys`` missing from checkpoint ``obj``."""
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks {', '.join(missing)}: not a file this step can use (an older format "
+            f"or another program's file); re-create it (re-run the step that writes it)"
+        )
 
 
 def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -20,7 +20,8 @@ Checkpoints (rank 0, atomic, ``ckpt-<step>.pt`` in ``checkpoint_dir``, the last 
 kept) hold the raw and EMA weights, the optimiser, the step and every rank's RNG states, so a
 resumed run continues bit-identically (on CPU, in one process): training ``2N`` steps at once or
 ``N`` then ``N`` more gives the same weights. A checkpoint is only continued when its
-``config_hash`` matches; otherwise it is moved to ``checkpoint_dir/stale-<hash>/``.
+``config_hash`` matches; otherwise it is moved to ``<archive_dir>/stale-<hash>/`` (default
+``archive_dir``: ``checkpoint_dir``).
 
 Interrupts. SIGINT or SIGTERM finishes the current step, saves a checkpoint and makes
 :func:`train` *return* a :class:`TrainResult` with ``interrupted=True`` and the signal number
@@ -232,8 +233,9 @@ class _StopOnSignal:
         self.signum = signum
         name = signal.Signals(signum).name
         # os.write, not print: print is not reentrant and the signal may land inside one.
-        msg = f"rank {self.rank}: {name} received, stopping after this step (checkpoint kept)\n"
-        os.write(2, msg.encode())
+        if self.rank == 0:  # every rank gets it; one line is enough
+            msg = f"{name} received, stopping after this step (checkpoint kept)\n"
+            os.write(2, msg.encode())
 
     def __exit__(self, *exc: object) -> None:
         for s, handler in self._previous.items():
@@ -291,14 +293,16 @@ def _safe_name(text: str) -> str:
     return cleaned[:64] or "none"
 
 
-def _find_resume(ckdir: Path, config_hash: str) -> tuple[Path | None, dict[str, Any] | None]:
+def _find_resume(
+    ckdir: Path, config_hash: str, archive: Path
+) -> tuple[Path | None, dict[str, Any] | None]:
     """Rank 0: the newest readable checkpoint with ``config_hash``; moves unreadable ones to
-    ``corrupt/`` and a run with another hash (all its checkpoints and ``model.pt``) to
-    ``stale-<hash>/``."""
+    ``archive/corrupt/`` and a run with another hash (all its checkpoints and ``model.pt``) to
+    ``archive/stale-<hash>/``."""
     for path, ck, err in scan_checkpoints(ckdir):
         if ck is None:
-            dest = ckdir / "corrupt"
-            dest.mkdir(exist_ok=True)
+            dest = archive / "corrupt"
+            dest.mkdir(parents=True, exist_ok=True)
             target = _free_dir(dest / path.name)
             os.replace(path, target)
             print(f"unreadable checkpoint moved to {target}: {err}", flush=True)
@@ -306,7 +310,7 @@ def _find_resume(ckdir: Path, config_hash: str) -> tuple[Path | None, dict[str, 
         if ck.get("config_hash") == config_hash:
             return path, ck
         old = str(ck.get("config_hash"))
-        dest = _free_dir(ckdir / f"stale-{_safe_name(old)}")
+        dest = _free_dir(archive / f"stale-{_safe_name(old)}")
         dest.mkdir(parents=True)
         movable = [p for _, p in list_checkpoints(ckdir)] + [ckdir / "model.pt"]
         for p in movable:
@@ -374,6 +378,7 @@ def train(
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
     model_path: str | os.PathLike | None = None,
+    archive_dir: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train ``net`` on ``images`` (``(N, C, H, W)`` in ``[-1, 1]``) and optional ``labels``.
 
@@ -385,7 +390,10 @@ def train(
     ``on_log(step, {"loss", "lr", "grad_norm"})`` runs on rank 0 every ``cfg.log_every`` steps
     (``loss`` is the mean since the previous call). ``dist`` comes from
     :func:`diffusion_core.distributed.setup_distributed` (default: one process, CUDA if
-    available). See the module docstring for data order, signals and the NaN guard.
+    available). Checkpoints of another configuration and unreadable ones are moved to
+    ``archive_dir`` (default ``checkpoint_dir``; give a folder outside a DVC-cached
+    ``checkpoint_dir`` so they do not bloat the cache). See the module docstring for data
+    order, signals and the NaN guard.
     """
     dist = dist or DistInfo.single()
     device, ws = dist.device, dist.world_size
@@ -401,7 +409,8 @@ def train(
     resume_path: Path | None = None
     if dist.is_main:
         ckdir.mkdir(parents=True, exist_ok=True)
-        resume_path, ck = _find_resume(ckdir, config_hash)
+        archive = Path(archive_dir) if archive_dir is not None else ckdir
+        resume_path, ck = _find_resume(ckdir, config_hash, archive)
     resume_path = broadcast_object(resume_path)
     if resume_path is not None and ck is None:
         ck = load_checkpoint(resume_path, map_location="cpu")

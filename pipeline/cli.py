@@ -2,19 +2,23 @@
 
 Every command reads ``--params`` (default ``params.yaml``), validates it (a bad file prints one
 line ``params.yaml: key: problem (got value)`` and exits 2) and writes its outputs atomically.
-Exit codes: 0 done, 1 failure, 2 bad parameters, 130/143 interrupted by SIGINT/SIGTERM.
+Exit codes: 0 done, 1 failure, 2 bad parameters, 130/143 interrupted by SIGINT/SIGTERM. Every
+failure is one line on stderr; ``DIFFUSION_DEBUG=1`` or ``diffusion --debug`` shows tracebacks.
 Stage modules are imported inside the commands so that ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 
+from pipeline import guard
 from pipeline.config import Params, ParamsError, load_params
 from pipeline.errors import StageError, StageInterruptedError
 
@@ -44,26 +48,66 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 
 def _run(stage: Callable[..., Any], params_file: Path, **kwargs: Any) -> None:
-    """Validate params, run ``stage(params, **kwargs)`` and turn known failures into exit codes."""
+    """Validate params, run ``stage(params, **kwargs)`` and turn every failure into one line on
+    stderr and an exit code (2 bad parameters or usage, 1 failure, 130/143 interrupted).
+    ``DIFFUSION_DEBUG=1`` (or ``diffusion --debug``) re-raises unexpected errors instead."""
+    guard.die_with_parent()
+    code, message = _outcome(stage, params_file, **kwargs)
+    guard.record_exit(code)
+    if message:
+        typer.echo(message, err=True)
+    if code:
+        raise typer.Exit(code=code)
+
+
+def _outcome(stage: Callable[..., Any], params_file: Path, **kwargs: Any) -> tuple[int, str]:
+    """``(exit code, one-line message or "")`` of running the stage."""
+    from diffusion_core.checkpoint import CheckpointError
+
     try:
         params: Params = load_params(params_file)
     except ParamsError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(code=2) from None
+        return 2, str(exc)
     try:
         stage(params, **kwargs)
     except ParamsError as exc:
-        typer.echo(f"{params_file}: {exc}", err=True)
-        raise typer.Exit(code=2) from None
-    except StageError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
+        return 2, f"{params_file}: {exc}"
+    except (StageError, CheckpointError) as exc:
+        return 1, f"error: {exc}"
     except StageInterruptedError as exc:
-        typer.echo(f"stopped: {exc}; the last checkpoint is kept, re-run to resume", err=True)
-        raise typer.Exit(code=exc.code) from None
+        return exc.code, f"stopped: {exc}; the last checkpoint is kept, re-run to resume"
     except KeyboardInterrupt:
-        typer.echo("stopped: interrupted", err=True)
-        raise typer.Exit(code=130) from None
+        return 130, "stopped: interrupted"
+    except (click.exceptions.Exit, click.exceptions.ClickException, SystemExit):
+        raise
+    except FileNotFoundError as exc:
+        if guard.debug():
+            raise
+        return 1, f"error: {exc.filename or exc} is missing: run the stage that writes it first"
+    except OSError as exc:
+        if guard.debug():
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        return 1, f"error: {where}{exc.strerror or exc}"
+    except Exception as exc:
+        if guard.debug():
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return 1, (
+            f"error: unexpected {type(exc).__name__}: {first} "
+            f"(run with {guard.DEBUG_ENV}=1 for the traceback)"
+        )
+    return 0, ""
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help=f"Show tracebacks (same as {guard.DEBUG_ENV}=1).")
+    ] = False,
+) -> None:
+    if debug:
+        os.environ[guard.DEBUG_ENV] = "1"
 
 
 @app.command()
@@ -175,11 +219,25 @@ def decode(
 
 
 @app.command("check-params")
-def check_params(params: ParamsOption = DEFAULT_PARAMS) -> None:
-    """Validate the parameters file and print its hash (exit 2 with the problem if invalid)."""
+def check_params(
+    params: ParamsOption = DEFAULT_PARAMS,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Also write this file (the `check` DVC stage's output) when valid."),
+    ] = None,
+) -> None:
+    """Validate the parameters file as every stage would and print its hash (exit 2 with the
+    problem if invalid). The first DVC stage: a bad edit stops `dvc repro` before any stage
+    deletes its outputs."""
+    from pipeline.checks import check_buildable
     from pipeline.config import params_hash
 
     def show(p: Params) -> None:
+        check_buildable(p)
+        if out is not None:
+            from pipeline.files import write_text
+
+            write_text(out, "ok\n")  # constant: a valid edit does not re-run later stages
         typer.echo(f"{params}: ok (hash {params_hash(p)}, methods: {', '.join(p.methods)})")
 
     _run(show, params)

@@ -41,7 +41,8 @@ BOOKKEEPING_TRAIN_KEYS = ("nproc", "threads_per_proc", "checkpoint_every", "keep
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` / `.nan` are refused here, not by a stage at run time.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataParams(_Section):
@@ -52,7 +53,7 @@ class DataParams(_Section):
 
 class ProcessParams(_Section):
     name: Literal["ddpm", "vp", "subvp", "ve"]
-    num_steps: int = Field(ge=1)
+    num_steps: int = Field(ge=1, le=100_000)  # the schedule tables are allocated
     schedule: Literal["linear", "cosine"]
     beta_start: float = Field(gt=0.0, lt=1.0)
     beta_end: float = Field(gt=0.0, lt=1.0)
@@ -229,7 +230,7 @@ class TrackingParams(_Section):
 class Params(_Section):
     """The whole of ``params.yaml``."""
 
-    seed: int = Field(ge=0)
+    seed: int = Field(ge=0, lt=2**63)
     data: DataParams
     process: ProcessParams
     model: ModelParams
@@ -294,6 +295,12 @@ def _cross_field_errors(p: Params) -> list[str]:
     if p.train.batch_size % p.train.nproc:
         errors.append(
             f"train.batch_size: must be divisible by train.nproc={p.train.nproc} "
+            f"(got {p.train.batch_size})"
+        )
+    train_size = info.size - int(info.size * p.data.test_fraction + info.num_classes / 2) - 1
+    if p.train.batch_size > train_size:
+        errors.append(
+            f"train.batch_size: must not exceed the {train_size} training images "
             f"(got {p.train.batch_size})"
         )
     if p.sample.n_images > p.test_size:
@@ -399,6 +406,10 @@ def load_params(path: str | Path) -> Params:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ParamsError(f"{path}: invalid YAML{where}: {problem}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        # PyYAML builds timestamps such as 2001-13-01 or 9999-99-99 and fails in datetime.
+        first = (str(exc).splitlines() or [""])[0]
+        raise ParamsError(f"{path}: invalid YAML value: {first}") from None
     return validate_params(raw, source=str(path))
 
 

@@ -1,25 +1,25 @@
 """Atomic file writes, file digests and provenance records (``provenance/<stage>.json``).
 
-A file is written to a temporary sibling and moved into place with ``os.replace``, so an
-interrupted stage never leaves a half-written file where a good one was.
+A file is written to a temporary sibling, fsync-ed, given the umask's permissions and moved into
+place with ``os.replace`` (:mod:`diffusion_core.atomic`, the one atomic write of the project), so
+an interrupted stage never leaves a half-written file where a good one was.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from diffusion_core.atomic import atomic_path as atomic_path  # re-exported
+from diffusion_core.atomic import write_bytes as _write_bytes
 from pipeline.config import Params, params_hash
 
 PROVENANCE_DIR = Path("provenance")
@@ -27,25 +27,9 @@ TIMING_DIR = Path("runs/timing")
 PACKAGES = ("diffusion-toolkit", "torch", "torchvision", "numpy", "scipy", "clean-fid")
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Atomically write ``data`` to ``path``."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    _write_bytes(path, data)
 
 
 def write_text(path: str | Path, text: str) -> None:

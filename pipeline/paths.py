@@ -5,6 +5,8 @@
 
 from pathlib import Path
 
+PARAMS_OK = Path("runs/params.ok")  # the `check` stage's output; every other stage needs it
+
 PREPARED = Path("data/prepared")
 TRAIN_DATA = PREPARED / "train.pt"
 TEST_DATA = PREPARED / "test.pt"
@@ -16,6 +18,7 @@ CLASSIFIER_METRICS = Path("metrics/classifier.json")
 
 TRAIN_DIR = Path("runs/train")
 CHECKPOINTS = TRAIN_DIR / "checkpoints"
+STALE = TRAIN_DIR / "stale"  # other configs' and unreadable checkpoints: not DVC-cached
 MODEL = TRAIN_DIR / "model.pt"
 LOSS_CSV = TRAIN_DIR / "loss.csv"
 TRAIN_METRICS = Path("metrics/train.json")

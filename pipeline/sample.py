@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion_core.checkpoint import load_checkpoint, save_atomic
+from diffusion_core.checkpoint import load_checkpoint, require_keys, save_atomic
 from diffusion_core.data import to_uint8
 from diffusion_core.denoiser import Denoiser
 from diffusion_core.distributed import default_device
@@ -48,6 +48,7 @@ def load_model(
         m = load_checkpoint(path, map_location="cpu")
     except FileNotFoundError:
         raise StageError(f"{path} is missing: run the train stage first") from None
+    require_keys(m, path, ("model_config", "ema", "process", "prediction"))
     net = UNet(**m["model_config"])
     net.load_state_dict(m["ema"])
     process = make_process(**m["process"])

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from diffusion_core.distributed import DistInfo, cleanup, setup_distributed
+from diffusion_core.distributed import DistInfo, broadcast_object, cleanup, setup_distributed
 from diffusion_core.processes import make_process
 from diffusion_core.training import TrainConfig, TrainResult, train
 from diffusion_core.unet import UNet
@@ -35,6 +35,7 @@ from pipeline.files import (
     write_text,
     write_timing,
 )
+from pipeline.locks import FolderLock
 from pipeline.prepare import load_split, tensor_digest
 from pipeline.tracking import Tracker, run_name, run_tags
 
@@ -164,6 +165,7 @@ def run(params: Params) -> TrainResult:
         dist = setup_distributed()
     except (ValueError, RuntimeError) as exc:
         raise StageError(f"cannot start distributed training: {exc}") from None
+    lock = _lock_checkpoints(dist)
     tracker: Tracker | None = None
     try:
         if dist.world_size != params.train.nproc and dist.is_main:
@@ -215,6 +217,7 @@ def run(params: Params) -> TrainResult:
             on_log=on_log,
             progress=False,
             model_path=paths.MODEL,
+            archive_dir=paths.STALE,
         )
         wall_s = time.perf_counter() - start
         if result.interrupted:
@@ -231,7 +234,24 @@ def run(params: Params) -> TrainResult:
             raise StageError(str(exc)) from None
         raise
     finally:
+        if lock is not None:
+            lock.release()
         cleanup()
+
+
+def _lock_checkpoints(dist: DistInfo) -> FolderLock | None:
+    """Rank 0 takes the checkpoint folder's lock; every rank fails alike if another has it."""
+    lock, refusal = None, None
+    if dist.is_main:
+        try:
+            lock = FolderLock.acquire(paths.CHECKPOINTS)
+        except StageError as exc:
+            refusal = str(exc)
+    refusal = broadcast_object(refusal)
+    if refusal is not None:
+        cleanup()
+        raise StageError(refusal)
+    return lock
 
 
 def _finish(

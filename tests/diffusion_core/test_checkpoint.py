@@ -15,6 +15,7 @@ from diffusion_core.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
+    require_keys,
     save_atomic,
 )
 
@@ -56,8 +57,27 @@ def test_failed_fsync_keeps_the_old_file(tmp_path, monkeypatch):
 def test_truncated_file_gives_a_clear_error(tmp_path):
     path = save_atomic(_state(1), tmp_path / "c.pt")
     path.write_bytes(path.read_bytes()[:50])
-    with pytest.raises(CheckpointError, match="c.pt"):
+    with pytest.raises(CheckpointError, match="c.pt .50 bytes.: truncated or corrupt") as err:
         load_checkpoint(path)
+    assert "re-create it" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_keys_say_what_to_do(tmp_path):
+    require_keys({"a": 1}, tmp_path / "m.pt", ["a"])
+    with pytest.raises(CheckpointError, match="m.pt lacks model_config, ema: .*re-create it"):
+        require_keys({"a": 1}, tmp_path / "m.pt", ["a", "model_config", "ema"])
+
+
+def test_saved_files_get_the_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_atomic(_state(1), tmp_path / "c.pt")
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        save_atomic(_state(2), path)
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
 
 
 def test_missing_file_and_non_dict(tmp_path):
@@ -74,8 +94,11 @@ class Opaque:
 
 def test_objects_other_than_plain_types_are_refused_on_load(tmp_path):
     save_atomic({"obj": Opaque()}, tmp_path / "c.pt")
-    with pytest.raises(CheckpointError, match="tensors-only"):
+    with pytest.raises(CheckpointError, match="refused to load") as err:
         load_checkpoint(tmp_path / "c.pt")
+    message = str(err.value)
+    assert "\n" not in message and "do not load it with weights_only=False" in message
+    assert "Re-running" not in message  # torch's advice to disable the check is not passed on
 
 
 def test_latest_skips_unreadable_and_falls_back(tmp_path):

@@ -189,6 +189,36 @@ def test_checkpoint_with_another_hash_is_moved_aside_not_continued(tmp_path, cap
     _assert_equal_weights(_weights(fresh.model_path), _weights(res.model_path))
 
 
+def test_stale_checkpoints_can_go_outside_the_checkpoint_folder(tmp_path):
+    _run(tmp_path / "ck", 2, config_hash="old")
+    res = _run(tmp_path / "ck", 2, config_hash="new", archive_dir=tmp_path / "stale")
+    assert not res.resumed
+    assert [s for s, _ in list_checkpoints(tmp_path / "stale" / "stale-old")] == [2]
+    assert not any(p.is_dir() for p in (tmp_path / "ck").iterdir())  # nothing left to cache
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A write that fails with ENOSPC stops training with that OSError; the checkpoint before
+    it is intact, no temporary file is left, and a re-run resumes from it."""
+    full = _run(tmp_path / "a", 4)
+    _run(tmp_path / "b", 2)
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _run(tmp_path / "b", 4)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["ckpt-00000002.pt", "model.pt"]
+    assert load_checkpoint(tmp_path / "b" / "ckpt-00000002.pt")["step"] == 2
+    res = _run(tmp_path / "b", 4)
+    assert res.resumed and res.step == 4
+    _assert_equal_weights(_weights(full.model_path), _weights(res.model_path))
+
+
 def test_keep_last_prunes_old_checkpoints(tmp_path):
     _run(tmp_path, 7, cfg={"checkpoint_every": 2, "keep_last": 2})
     assert [s for s, _ in list_checkpoints(tmp_path)] == [6, 7]

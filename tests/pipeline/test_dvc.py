@@ -154,3 +154,21 @@ def test_report_figures_are_uncached_image_plots(stages: dict[str, Any]) -> None
         assert plots[png.as_posix()] == {"cache": False}
     tradeoff = plots[paths.GUIDANCE_TRADEOFF.as_posix()]
     assert (tradeoff["x"], tradeoff["y"], tradeoff["cache"]) == ("class_accuracy", "fid", False)
+
+
+def test_a_cheap_check_stage_guards_every_other_stage(stages: dict[str, Any]) -> None:
+    """A bad edit of params.yaml fails `check` before DVC deletes any other stage's outputs."""
+    check = stages["check"]
+    assert "check-params" in check["cmd"] and paths.PARAMS_OK.as_posix() in check["cmd"]
+    assert outs(check) == {paths.PARAMS_OK.as_posix()}
+    top_level = set(yaml.safe_load((REPO / "params.yaml").read_text()))
+    assert set(check["params"]) == top_level
+    for name, stage in stages.items():
+        if name != "check":
+            assert paths.PARAMS_OK.as_posix() in dep_paths(stage), name
+
+
+def test_train_runs_under_the_launcher(stages: dict[str, Any]) -> None:
+    cmd = stages["train"]["cmd"]
+    launcher = "python -m pipeline.launch --params params.yaml --"
+    assert cmd.index(launcher) < cmd.index("python -m torch.distributed.run")

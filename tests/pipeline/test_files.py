@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,18 @@ def test_write_json_round_trips_and_creates_folders(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "x.json"
     write_json(path, {"n": 3, "p": Path("x/y")})
     assert json.loads(path.read_text()) == {"n": 3, "p": "x/y"}
+
+
+def test_outputs_get_the_permissions_open_would_give(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "shared.json", {"a": 1})
+        with atomic_path(tmp_path / "report.md") as tmp:
+            tmp.write_text("# r")
+        for name in ("shared.json", "report.md"):
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name  # not mkstemp's 0600
+    finally:
+        os.umask(old)
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
