@@ -35,11 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
 
 QUALITY_METHODS = {  # name: (sampler, settings, spacing)
-    "ddim": ("ddim", {}, "uniform"),
-    "dpmpp_2m": ("dpmpp_2m", {}, "uniform"),
-    "dpmpp_3m": ("dpmpp_3m", {}, "uniform"),
-    "unipc2": ("unipc", {"order": 2}, "uniform"),
-    "unipc3": ("unipc", {"order": 3}, "uniform"),
+    "ddim": ("ddim", {}, "linspace"),
+    "dpmpp_2m": ("dpmpp_2m", {}, "logsnr"),
+    "dpmpp_3m": ("dpmpp_3m", {}, "logsnr"),
+    "unipc2": ("unipc", {"order": 2}, "logsnr"),
+    "unipc3": ("unipc", {"order": 3}, "logsnr"),
     "edm_heun": ("edm_heun", {}, "karras"),
 }
 
@@ -48,17 +48,6 @@ def environment() -> dict[str, str]:
     return {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
             "torch": torch.__version__, "threads": str(torch.get_num_threads()),
             "command": shlex.join([Path(sys.executable).name, *sys.argv])}
-
-
-def karras_grid(process, steps: int, rho: float = 7.0) -> torch.Tensor:
-    """Times whose EDM noise levels sigma/alpha follow Karras et al. 2022, eq. 5, then 0."""
-    from diffusion_core.samplers.edm import edm_sigma, time_of_sigma
-
-    hi, lo = edm_sigma(process, 1.0), edm_sigma(process, process.t_min)
-    u = torch.linspace(0, 1, steps, dtype=torch.float64)
-    sig = (hi ** (1 / rho) + u * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-    inner = [time_of_sigma(process, float(s)) for s in sig[1:-1]]
-    return torch.tensor([1.0, *inner, process.t_min, 0.0], dtype=torch.float64)
 
 
 def fid_interval(sample_f: np.ndarray, train_f: np.ndarray, reps: int, seed: int = 0):
@@ -128,15 +117,14 @@ def quality(args) -> list[dict]:
                  "wall_s": 0.0, "n_images": n, **env})
     print(f"floor FID {fid:.3f} [{lo:.3f}, {hi:.3f}]")
     if not args.no_ddpm:
-        score("ddpm1000", "ddpm", 1000, process.time_grid(1000), {}, "uniform")
+        score("ddpm1000", "ddpm", 1000, process.time_grid(1000), {}, "linspace")
     for name in args.methods.split(","):
         sampler, settings, spacing = QUALITY_METHODS[name]
         for nfe in args.nfe:
             steps = (nfe + 1) // 2 if sampler == "edm_heun" else nfe
             if sampler == "edm_heun" and steps < 2:
                 continue
-            grid = (karras_grid(process, steps) if spacing == "karras"
-                    else process.time_grid(steps, spacing))
+            grid = process.time_grid(steps, spacing)
             score(name, sampler, steps, grid, settings, spacing)
     return rows
 

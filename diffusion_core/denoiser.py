@@ -47,24 +47,15 @@ def time_batch(t: Tensor | float, x: Tensor) -> Tensor:
 class Denoiser(nn.Module):
     """Wraps ``net(x, t, labels)`` predicting ``eps``, ``x0`` or ``v``.
 
-    ``clip_x0`` clamps the ``x_0`` estimate to ``[-clip_value, clip_value]`` (the data range) and
-    recomputes ``eps`` from it, as DDPM's reference sampler does ("clip_denoised").
+    Clipping the ``x_0`` estimate is a sampling option, not a property of the network: see
+    :class:`ClipX0` (applied once, outermost, by :func:`diffusion_core.samplers.generate`).
     """
 
-    def __init__(
-        self,
-        net: nn.Module,
-        process: NoiseProcess,
-        prediction: str = "eps",
-        *,
-        clip_x0: bool = False,
-        clip_value: float = 1.0,
-    ):
+    def __init__(self, net: nn.Module, process: NoiseProcess, prediction: str = "eps"):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}: choose one of {PREDICTIONS}")
         self.net, self.process, self.prediction = net, process, prediction
-        self.clip_x0, self.clip_value = clip_x0, clip_value
 
     @property
     def num_classes(self) -> int:
@@ -79,8 +70,28 @@ class Denoiser(nn.Module):
         alpha = broadcast(self.process.alpha(t), x)
         sigma = broadcast(self.process.sigma(t), x)
         out = self.net(x * input_scale(alpha, sigma), t.to(x.dtype), labels)
-        eps, x0 = eps_x0_from_prediction(self.prediction, out, x, alpha, sigma)
-        if self.clip_x0:
-            x0 = x0.clamp(-self.clip_value, self.clip_value)
-            eps = eps_from_x0(x, x0, alpha, sigma)
-        return DenoiserOutput(eps, x0)
+        return DenoiserOutput(*eps_x0_from_prediction(self.prediction, out, x, alpha, sigma))
+
+
+class ClipX0:
+    """``x0 <- clip(x0, -value, value)``, then ``eps <- (x_t - alpha x0) / sigma`` (the pair
+    stays consistent with ``x_t = alpha x0 + sigma eps``), around any denoiser.
+
+    Ho et al. 2020's sampler clips ``x_0`` to the data range ("clip_denoised"); diffusers'
+    ``clip_sample`` does the same (DDIM re-derives eps only with ``use_clipped_model_output``).
+    Wrap the OUTERMOST denoiser (after guidance), so a guided ``x_0`` is clipped exactly once.
+    """
+
+    def __init__(self, denoiser: DenoiserLike, value: float = 1.0):
+        if value <= 0:
+            raise ValueError(f"clip value must be > 0, got {value}")
+        self.denoiser, self.value = denoiser, float(value)
+        self.process = denoiser.process
+
+    def __call__(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None) -> DenoiserOutput:
+        out = self.denoiser(x, t, labels)
+        tb = time_batch(t, x)
+        alpha = broadcast(self.process.alpha(tb), x)
+        sigma = broadcast(self.process.sigma(tb), x)
+        x0 = out.x0.clamp(-self.value, self.value)
+        return DenoiserOutput(eps_from_x0(x, x0, alpha, sigma), x0)

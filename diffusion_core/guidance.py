@@ -5,7 +5,8 @@
 ``w = 0`` is the plain conditional model; ``w > 0`` sharpens towards class ``c``. In score terms
 ``grad log p~(x|c) = grad log p(x|c) + w (grad log p(x|c) - grad log p(x))``. The "guidance scale"
 of other libraries (diffusers, Stable Diffusion) is ``s = 1 + w``: ``s = 1`` means no guidance.
-Because it is a denoiser itself, it composes with every sampler.
+Because it is a denoiser itself, it composes with every sampler. It never clips ``x_0``: clipping
+is one outer :class:`~diffusion_core.denoiser.ClipX0` around the guided denoiser.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from diffusion_core.processes import broadcast
 class ClassifierFreeGuidance:
     """Guided denoiser; the conditional and the null-label pass run as ONE batched forward."""
 
-    def __init__(self, denoiser: DenoiserLike, w: float, null_label: int | None = None,
-                 clip_x0: bool | None = None):
+    def __init__(self, denoiser: DenoiserLike, w: float, null_label: int | None = None):
         if w < 0:
             raise ValueError(f"guidance weight w must be >= 0, got {w}")
         null = null_label if null_label is not None else getattr(denoiser, "null_label", None)
@@ -31,12 +31,10 @@ class ClassifierFreeGuidance:
                              "null label (num_classes > 0)")
         self.denoiser, self.w, self.null_label = denoiser, float(w), int(null)
         self.process = denoiser.process
-        self.clip_x0 = getattr(denoiser, "clip_x0", False) if clip_x0 is None else clip_x0
-        self.clip_value = getattr(denoiser, "clip_value", 1.0)
 
     @staticmethod
     def from_scale(denoiser: DenoiserLike, scale: float, null_label: int | None = None):
-        """Build from the ``s = 1 + w`` convention."""
+        """Build from the ``s = 1 + w`` convention (diffusers' ``guidance_scale``)."""
         return ClassifierFreeGuidance(denoiser, scale - 1.0, null_label)
 
     def __call__(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None) -> DenoiserOutput:
@@ -52,8 +50,4 @@ class ClassifierFreeGuidance:
         eps = (1.0 + self.w) * eps_c - self.w * eps_u
         alpha = broadcast(self.process.alpha(t), x)
         sigma = broadcast(self.process.sigma(t), x)
-        x0 = x0_from_eps(x, eps, alpha, sigma)
-        if self.clip_x0:
-            x0 = x0.clamp(-self.clip_value, self.clip_value)
-            eps = (x - alpha * x0) / sigma
-        return DenoiserOutput(eps, x0)
+        return DenoiserOutput(eps, x0_from_eps(x, eps, alpha, sigma))

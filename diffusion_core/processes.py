@@ -21,13 +21,73 @@ network trained on the discrete schedule can be sampled by every SDE/ODE solver 
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-Spacing = Literal["uniform", "quadratic"]
+Spacing = Literal["linspace", "leading", "trailing", "quadratic", "logsnr", "karras"]
+#: every spacing name :meth:`NoiseProcess.time_grid` accepts (``uniform``: deprecated ``linspace``)
+SPACINGS: tuple[str, ...] = get_args(Spacing)
+
+
+def check_spacing(spacing: str) -> str:
+    """Validate a spacing name; the old name ``uniform`` maps to ``linspace`` with a warning."""
+    if spacing == "uniform":
+        warnings.warn("spacing 'uniform' is now called 'linspace' (diffusers' name)",
+                      DeprecationWarning, stacklevel=3)
+        return "linspace"
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}: choose one of {list(SPACINGS)}")
+    return spacing
+
+
+def grid_fractions(steps: int, spacing: str) -> Tensor:
+    """Descending positions ``u_j in [0, 1]`` (``u = 0`` the least noisy step, 1 the noisiest),
+    ``j = 0..steps-1``, of the index-based spacings, as ``steps`` of a very fine DDPM:
+
+    * ``linspace`` (diffusers ``linspace``): ``u_j = 1 - j/(S-1)``, both ends included;
+    * ``leading`` (DDIM's "uniform", diffusers ``leading``): ``u_j = (S-1-j)/S``, ends at 0;
+    * ``trailing`` (Lin et al. 2024, diffusers ``trailing``): ``u_j = (S-j)/S``, starts at 1;
+    * ``quadratic`` (DDIM's CIFAR choice, Song et al. 2021 App. D.2):
+      ``u_j = 0.8 ((S-1-j)/(S-1))^2``, capped at 0.8 as in DDIM.
+    """
+    j = torch.arange(steps - 1, -1, -1, dtype=torch.float64)  # S-1, ..., 0
+    if spacing == "linspace":
+        return j / (steps - 1) if steps > 1 else torch.ones(1, dtype=torch.float64)
+    if spacing == "leading":
+        return j / steps
+    if spacing == "trailing":
+        return (j + 1) / steps
+    if spacing == "quadratic":
+        return 0.8 * (j / (steps - 1)) ** 2 if steps > 1 else torch.zeros(1, dtype=torch.float64)
+    raise ValueError(f"{spacing!r} is not an index-based spacing")
+
+
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """EDM's noise levels (Karras et al. 2022, eq. 5), descending:
+    ``sigma_i = (smax^(1/rho) + i/(S-1) (smin^(1/rho) - smax^(1/rho)))^rho``."""
+    if steps == 1:
+        return torch.tensor([sigma_max], dtype=torch.float64)
+    ramp = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def strictly_decreasing(idx: Tensor, lo: int, hi: int) -> Tensor:
+    """Integer steps made strictly decreasing within ``[lo, hi]``: a step that collides with the
+    one after it moves up by one (collisions happen near the low end, e.g. ``quadratic``)."""
+    idx = idx.clone()
+    n = idx.numel()
+    idx[-1] = max(int(idx[-1]), lo)
+    for j in range(n - 2, -1, -1):
+        idx[j] = max(int(idx[j]), int(idx[j + 1]) + 1)
+    idx = idx.clamp(max=hi)
+    for j in range(1, n):
+        idx[j] = min(int(idx[j]), int(idx[j - 1]) - 1)
+    return idx
 
 
 def _as_tensor(t: Tensor | float, like: Tensor | None = None) -> Tensor:
@@ -124,24 +184,57 @@ class NoiseProcess(ABC):
         t = self.t_min + (1.0 - self.t_min) * u
         return t.to(device) if device is not None else t
 
-    def time_grid(self, steps: int, spacing: Spacing = "uniform", device=None) -> Tensor:
-        """Descending sampling times ``[1, ..., t_min, 0]`` with ``steps`` intervals.
+    def inverse_log_snr(self, lam: Tensor) -> Tensor:
+        """The time ``t in [t_min, 1]`` with ``log_snr(t) = lam`` (bisection; lambda decreases
+        in t), clamped to the ends for ``lam`` outside ``[lambda(1), lambda(t_min)]``."""
+        lam = _as_tensor(lam)
+        lo = torch.full_like(lam, self.t_min)
+        hi = torch.ones_like(lam)
+        for _ in range(64):
+            mid = 0.5 * (lo + hi)
+            above = self.log_snr(mid) > lam  # mid is still too early
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        return 0.5 * (lo + hi)
+
+    def _positive_times(self, steps: int, spacing: str, rho: float) -> Tensor:
+        """The descending positive times of :meth:`time_grid` (before the final 0)."""
+        if spacing in ("logsnr", "karras"):
+            if steps == 1:
+                return torch.ones(1, dtype=torch.float64)
+            lam_1, lam_min = (float(self.log_snr(torch.tensor(v, dtype=torch.float64)))
+                              for v in (1.0, self.t_min))
+            if spacing == "logsnr":
+                lam = torch.linspace(lam_1, lam_min, steps, dtype=torch.float64)
+            else:  # EDM's sigma is sigma/alpha = exp(-lambda/2)
+                sig = karras_sigmas(steps, math.exp(-lam_min / 2), math.exp(-lam_1 / 2), rho)
+                lam = -2.0 * torch.log(sig)
+            t = self.inverse_log_snr(lam)
+            t[0], t[-1] = 1.0, self.t_min  # the ends exactly
+            return t
+        return self.t_min + (1.0 - self.t_min) * grid_fractions(steps, spacing)
+
+    def time_grid(self, steps: int, spacing: Spacing = "linspace", device=None, *,
+                  rho: float = 7.0) -> Tensor:
+        """Descending sampling times ``[t_0, ..., t_{S-1}, 0]`` for ``S = steps`` network calls.
+
+        A continuous process is treated as a DDPM with infinitely fine steps: ``t_min`` plays
+        step 1 and ``t = 1`` step N, and ``t_j = t_min + (1 - t_min) u_j`` with ``u_j`` from
+        :func:`grid_fractions` for ``linspace`` (ends 1 and ``t_min``), ``leading`` (first time
+        ``1 - (1 - t_min)/S``, last ``t_min``), ``trailing`` (first 1, last
+        ``t_min + (1 - t_min)/S``) and ``quadratic`` (first ``t_min + 0.8 (1 - t_min)``).
+        ``logsnr``: uniform in ``lambda = log(alpha^2/sigma^2)`` from ``lambda(1)`` to
+        ``lambda(t_min)`` (DPM-Solver, Lu et al. 2022); ``karras``: EDM's spacing of
+        ``sigma/alpha = exp(-lambda/2)`` with exponent ``rho`` (Karras et al. 2022, eq. 5);
+        both map back to t with :meth:`inverse_log_snr`. Grids that start below t = 1 still
+        start from a prior sample, as diffusers does (harmless for VP, a mismatch for VE).
 
         The last interval ends at 0: samplers take it as the final denoising step
-        (``x_0 = E[x_0 | x_{t_min}]``, Tweedie's formula).
+        (``x_0 = E[x_0 | x_{t_S-1}]``, Tweedie's formula).
         """
+        spacing = check_spacing(spacing)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        if steps == 1:
-            grid = torch.tensor([1.0], dtype=torch.float64)
-        else:
-            u = torch.linspace(1.0, 0.0, steps, dtype=torch.float64)
-            if spacing == "uniform":
-                grid = self.t_min + (1.0 - self.t_min) * u
-            elif spacing == "quadratic":
-                grid = self.t_min + (1.0 - self.t_min) * u**2
-            else:
-                raise ValueError(f"unknown spacing {spacing!r}: use 'uniform' or 'quadratic'")
+        grid = self._positive_times(steps, spacing, rho)
         return torch.cat([grid, torch.zeros(1, dtype=torch.float64)]).to(device)
 
     def describe(self) -> dict:
@@ -334,28 +427,43 @@ class DiscreteDDPM(NoiseProcess):
         t = i.to(torch.float64) / self.num_steps
         return t.to(device) if device is not None else t
 
-    def time_grid(self, steps: int, spacing: Spacing = "uniform", device=None) -> Tensor:
-        """Grid times ``i/N`` for a subsequence of steps (DDIM, Sec. 4.2; Nichol & Dhariwal 2021
-        respacing), always starting at step N and ending with 0.
+    def time_grid(self, steps: int, spacing: Spacing = "linspace", device=None, *,
+                  rho: float = 7.0) -> Tensor:
+        """Grid times ``i/N`` of ``steps`` distinct DDPM steps, descending, then 0.
 
-        ``uniform``: evenly spaced steps; ``quadratic``: ``i ~ (k / S)^2`` (DDIM's CIFAR choice)."""
+        Step ``i in 1..N`` is diffusers' timestep ``k = i - 1`` (its ``alphas_cumprod[k]`` is our
+        ``alpha(i/N)^2``). With ``S = steps``, ``j = 0..S-1``, ``round`` half to even as numpy:
+
+        * ``linspace``: ``k_j = round(j (N-1)/(S-1))``, so steps N and 1 are both used (one step:
+          ``k = N-1``, not diffusers' 0);
+        * ``leading``: ``k_j = j floor(N/S)`` (DDIM's "uniform"; diffusers with
+          ``steps_offset=0``);
+        * ``trailing``: ``k_j = round(N - j N/S) - 1`` (Lin et al. 2024, "Common diffusion noise
+          schedules and sample steps are flawed"), always using step N;
+        * ``quadratic``: ``k_j = floor((j sqrt(0.8 N)/(S-1))^2)`` (DDIM's CIFAR-10 grid,
+          capped at 0.8 N);
+        * ``logsnr`` and ``karras``: the continuous grid (see :meth:`NoiseProcess.time_grid`)
+          snapped to the nearest step, ``i = round(t N)``.
+
+        Steps that collide after rounding (``quadratic``, ``logsnr``, ``karras`` near step 1)
+        move up one at a time until all are distinct (see :func:`strictly_decreasing`).
+        """
+        spacing = check_spacing(spacing)
         n = self.num_steps
         if not 1 <= steps <= n:
             raise ValueError(f"steps must lie in [1, {n}] for a {n}-step DDPM, got {steps}")
-        k = torch.linspace(1.0, 0.0, steps, dtype=torch.float64)
-        if spacing == "uniform":
-            pos = 1 + (n - 1) * k
+        j = torch.arange(steps, dtype=torch.float64)
+        if spacing == "linspace":
+            k = torch.round(j * ((n - 1) / (steps - 1))) if steps > 1 else torch.tensor([n - 1.0])
+        elif spacing == "leading":
+            k = j * (n // steps)
+        elif spacing == "trailing":
+            k = torch.round(n - j * (n / steps)).flip(0) - 1
         elif spacing == "quadratic":
-            pos = 1 + (n - 1) * k**2
+            k = torch.floor((j * (math.sqrt(0.8 * n) / max(steps - 1, 1))) ** 2)
         else:
-            raise ValueError(f"unknown spacing {spacing!r}: use 'uniform' or 'quadratic'")
-        idx = torch.round(pos).long()
-        # strictly decreasing, ending at >= 1 (quadratic spacing can collide near 0)
-        for j in range(steps - 2, -1, -1):
-            idx[j] = max(int(idx[j]), int(idx[j + 1]) + 1)
-        idx = idx.clamp(max=n)
-        for j in range(1, steps):
-            idx[j] = min(int(idx[j]), int(idx[j - 1]) - 1)
+            k = torch.round(self._positive_times(steps, spacing, rho) * n).flip(0) - 1
+        idx = strictly_decreasing((k.flip(0) + 1).long(), 1, n)
         grid = torch.cat([idx.to(torch.float64) / n, torch.zeros(1, dtype=torch.float64)])
         return grid.to(device)
 

@@ -115,6 +115,10 @@ class SampleParams(_Section):
     batch_size: int = Field(ge=1)
 
 
+#: the time-grid spacings of ``NoiseProcess.time_grid`` (``diffusion_core.processes.SPACINGS``)
+Spacing = Literal["linspace", "leading", "trailing", "quadratic", "logsnr", "karras"]
+
+
 class _Method(_Section):
     """Settings every sampling method shares."""
 
@@ -125,16 +129,21 @@ class _Method(_Section):
     unconditional: bool = Field(
         False, description="sample a conditional network with its null label (no class labels)"
     )
+    clip_x0: bool = Field(
+        False, description="clamp every x_0 estimate to [-1, 1] (after guidance), eps re-derived"
+    )
 
     def settings(self) -> dict[str, Any]:
         """The sampler-specific keyword arguments of ``samplers.generate``."""
-        common = {"sampler", "guidance", "classes", "unconditional", "steps", "spacing"}
+        common = {"sampler", "guidance", "classes", "unconditional", "steps", "spacing",
+                  "clip_x0"}
         return {k: v for k, v in self.model_dump().items() if k not in common}
 
 
 class DDPMMethod(_Method):
     sampler: Literal["ddpm"]
     steps: int = Field(ge=1)
+    spacing: Spacing = "linspace"
     variance: Literal["posterior", "beta"] = "posterior"
 
 
@@ -142,17 +151,19 @@ class DDIMMethod(_Method):
     sampler: Literal["ddim"]
     steps: int = Field(ge=1)
     eta: float = Field(0.0, ge=0.0, le=1.0)
-    spacing: Literal["uniform", "quadratic"] = "uniform"
+    spacing: Spacing = "linspace"
 
 
 class SDEMethod(_Method):
     sampler: Literal["sde"]
     steps: int = Field(ge=1)
+    spacing: Spacing = "linspace"
 
 
 class PCMethod(_Method):
     sampler: Literal["pc"]
     steps: int = Field(ge=1)
+    spacing: Spacing = "linspace"
     snr: float = Field(0.16, gt=0.0)
     corrector_steps: int = Field(1, ge=0)
 
@@ -160,6 +171,7 @@ class PCMethod(_Method):
 class HeunMethod(_Method):
     sampler: Literal["ode_heun"]
     steps: int = Field(ge=1)
+    spacing: Spacing = "linspace"
 
 
 class RK45Method(_Method):
@@ -173,7 +185,7 @@ class DPMSolverMethod(_Method):
 
     sampler: Literal["dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"]
     steps: int = Field(ge=1)
-    spacing: Literal["uniform", "quadratic"] = "uniform"
+    spacing: Spacing = "logsnr"
     lower_order_final: bool = True
 
 
@@ -183,7 +195,7 @@ class UniPCMethod(_Method):
     sampler: Literal["unipc"]
     steps: int = Field(ge=1)
     order: int = Field(2, ge=1, le=3)
-    spacing: Literal["uniform", "quadratic"] = "uniform"
+    spacing: Spacing = "logsnr"
     lower_order_final: bool = True
 
 
@@ -193,7 +205,7 @@ class EDMHeunMethod(_Method):
 
     sampler: Literal["edm_heun"]
     steps: int = Field(ge=2)
-    spacing: Literal["uniform", "quadratic"] = "uniform"
+    spacing: Spacing = "karras"
     s_churn: float = Field(0.0, ge=0.0)
     s_tmin: float = Field(0.0, ge=0.0)
     s_tmax: float = Field(1.0e3, ge=0.0)

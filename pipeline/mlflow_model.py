@@ -9,7 +9,7 @@ Input, one row per image (a pandas DataFrame):
 
 Params (MLflow inference params, all optional): ``sampler`` (``ddim``; any name of
 ``diffusion_core.samplers.SAMPLERS``), ``steps`` (50), ``guidance`` (classifier-free guidance
-weight ``w``, 0), ``spacing`` (``uniform``), ``device`` (``auto``: CUDA when present).
+weight ``w``, 0), ``spacing`` (``linspace``), ``device`` (``auto``: CUDA when present).
 
 Output: ``uint8`` images of shape ``(N, C, H, W)``.
 
@@ -60,7 +60,7 @@ class DiffusionSampler(mlflow.pyfunc.PythonModel):
         from diffusion_core.guidance import ClassifierFreeGuidance
         from diffusion_core.samplers import generate
 
-        p = {"sampler": "ddim", "steps": 50, "guidance": 0.0, "spacing": "uniform",
+        p = {"sampler": "ddim", "steps": 50, "guidance": 0.0, "spacing": "linspace",
              "device": "auto", **(params or {})}
         device = default_device() if p["device"] == "auto" else torch.device(p["device"])
         denoiser, process, _ = self._model(device)
@@ -102,7 +102,7 @@ def signature(channels: int, size: int) -> Any:
                 ParamSpec("sampler", "string", "ddim"),
                 ParamSpec("steps", "long", 50),
                 ParamSpec("guidance", "double", 0.0),
-                ParamSpec("spacing", "string", "uniform"),
+                ParamSpec("spacing", "string", "linspace"),
                 ParamSpec("device", "string", "auto"),
             ]
         ),

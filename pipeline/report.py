@@ -127,8 +127,10 @@ def _family_label(params: Params, first: str) -> str:
     if steps is not None:
         parts.append(f"{steps} steps")
     parts += [f"{k}={v}" for k, v in m.settings().items()]
-    if getattr(m, "spacing", "uniform") != "uniform":
+    if getattr(m, "spacing", "linspace") != "linspace":
         parts.append(f"spacing={m.spacing}")
+    if m.clip_x0:
+        parts.append("clip_x0")
     if m.classes is not None:
         parts.append(f"classes={m.classes}")
     return ", ".join(parts)

@@ -126,7 +126,8 @@ def run(params: Params, method: str) -> dict[str, Any]:
     seeds = [params.seed + i for i in range(n)]
     labels = method_labels(m, n, int(getattr(net, "num_classes", 0)))
     shape = (net.in_channels, net.image_size, net.image_size)
-    kwargs: dict[str, Any] = {"spacing": getattr(m, "spacing", "uniform"), **m.settings()}
+    kwargs: dict[str, Any] = {"spacing": getattr(m, "spacing", "linspace"), "clip_x0": m.clip_x0,
+                              **m.settings()}
     if steps is not None:
         kwargs["steps"] = steps
     chunks, nfe_total = [], 0

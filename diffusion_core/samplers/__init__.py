@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from diffusion_core.denoiser import ClipX0
 from diffusion_core.processes import NoiseProcess
 from diffusion_core.rng import StackedRNG
 from diffusion_core.samplers.base import SampleResult
@@ -83,13 +84,16 @@ def generate(
     seeds: Sequence[int],
     labels: Tensor | None = None,
     steps: int = 50,
-    spacing: str = "uniform",
+    spacing: str = "linspace",
     device: torch.device | str = "cpu",
     callback=None,
+    clip_x0: bool = False,
     **settings,
 ) -> SampleResult:
     """Sample ``len(seeds)`` images of ``shape`` (C, H, W). Image ``i`` draws its prior sample and
-    all its noise from a generator seeded with ``seeds[i]``."""
+    all its noise from a generator seeded with ``seeds[i]``. ``clip_x0`` clamps every ``x_0``
+    estimate to [-1, 1] (:class:`~diffusion_core.denoiser.ClipX0`, once, around ``denoiser``
+    and so after any guidance)."""
     reason = compatible(sampler, process, None if sampler == "ode_rk45" else steps)
     if reason:
         raise ValueError(reason)
@@ -103,6 +107,8 @@ def generate(
     grid = process.time_grid(2 if sampler == "ode_rk45" else steps, spacing, device="cpu")
     if labels is not None:
         labels = labels.to(device)
+    if clip_x0:
+        denoiser = ClipX0(denoiser)
     return SAMPLERS[sampler](denoiser, process, x_T, grid, labels=labels, rng=rng,
                              callback=callback, **settings)
 

@@ -61,18 +61,20 @@ def ddim_invert(
 ) -> SampleResult:
     """Encode ``x_0`` into ``x_T`` by running the eta=0 DDIM update forwards in time
     (Song et al. 2021, Sec. 5.4; the ODE is reversible). ``grid`` is the same descending grid a
-    decode would use; its last entry must be 0. The first step evaluates the denoiser at the
-    smallest positive grid time, where the clean image stands in for ``x_{t_min}``."""
+    decode would use; its last entry must be 0. The step from 0 to the smallest grid time
+    ``t_1`` would evaluate the denoiser at ``t_1`` on the clean image and return
+    ``alpha_1 x0_pred + sigma_1 eps_pred = x_0`` exactly (``x = alpha x0 + sigma eps`` for any
+    denoiser), so it is skipped: the clean image stands in for ``x_{t_1}`` at no cost, and an
+    inversion costs one evaluation fewer than its decode (``len(grid) - 2``)."""
     check_grid(grid)
     if float(grid[-1]) != 0.0:
         raise ValueError("the inversion grid must end at t = 0 (the clean image)")
-    up = grid.flip(0)  # 0, t_1, ..., 1
+    up = grid.flip(0)[1:]  # t_1, ..., t_S
     x = x0
     nfe = 0
     for i in range(up.numel() - 1):
         s, t = up[i], up[i + 1]
-        t_eval = s if s > 0 else up[1]
-        out = denoiser(x, t_eval, labels)
+        out = denoiser(x, s, labels)
         nfe += 1
         a_t, sig_t = coeffs(process, t, x)
         x = a_t * out.x0 + sig_t * out.eps

@@ -17,8 +17,15 @@ from diffusion_core.rng import randn_like
 from diffusion_core.samplers.base import Callback, SampleResult, check_grid, coeffs, report
 
 
-def _per_sample_norm(v: Tensor) -> Tensor:
-    return v.flatten(1).norm(dim=1).reshape(-1, *([1] * (v.dim() - 1)))
+def langevin_step_size(snr: float, sigma: Tensor | float, a: Tensor | float = 1.0) -> Tensor:
+    """``eps_step = 2 a (snr sigma_t)^2``: Song et al. 2021 (Alg. 4-5) set
+    ``eps_step = 2 a (snr ||z|| / ||score||)^2``; with ``score = -eps / sigma_t`` and a network
+    ``eps`` of white noise's norm, ``||z|| / ||score|| = sigma_t``. Unlike the norms (per image
+    here before, per batch in score_sde and diffusers) it does not depend on the state, so the
+    corrector is a plain unadjusted Langevin chain (whose stationary law, for a Gaussian target
+    of variance v, has variance ``v / (1 - eps_step / (2 v))``) and images stay independent of
+    their batch."""
+    return 2.0 * torch.as_tensor(a) * (snr * torch.as_tensor(sigma)) ** 2
 
 
 @torch.no_grad()
@@ -66,14 +73,14 @@ def langevin_correct(
     a: Tensor | float = 1.0,
 ) -> Tensor:
     """Langevin corrector (Song et al. 2021, Algorithms 4-5) at a fixed time t:
-    ``eps_step = 2 a (snr ||z|| / ||score||)^2``, ``x <- x + eps_step score + sqrt(2 eps_step) z``,
-    with per-image norms (an image does not depend on its batch). Costs ``steps`` evaluations."""
+    ``x <- x + eps_step score + sqrt(2 eps_step) z`` with the state-independent
+    ``eps_step = 2 a (snr sigma_t)^2`` of :func:`langevin_step_size`. Costs ``steps``
+    evaluations."""
     sigma = denoiser.process.sigma(torch.as_tensor(t, dtype=torch.float64)).to(x.device, x.dtype)
+    step = langevin_step_size(snr, sigma, a).to(x.device, x.dtype)
     for _ in range(steps):
         score = score_from_eps(denoiser(x, t, labels).eps, sigma)
-        z = randn_like(x, rng)
-        step = 2 * a * (snr * _per_sample_norm(z) / _per_sample_norm(score)) ** 2
-        x = x + step * score + (2 * step).sqrt() * z
+        x = x + step * score + (2 * step).sqrt() * randn_like(x, rng)
     return x
 
 
@@ -93,9 +100,9 @@ def predictor_corrector(
     """Predictor-corrector sampling (Song et al. 2021, Algorithms 2-5).
 
     Corrector (Langevin, Alg. 4/5) at time t, repeated ``corrector_steps`` times:
-    ``eps_step = 2 a (snr ||z|| / ||score||)^2``, ``x <- x + eps_step score + sqrt(2 eps_step) z``,
-    with ``a = alpha_{t|s}^2`` (``1 - beta_i`` for DDPM steps, 1 for VE). Norms are per image, so
-    an image does not depend on its batch.
+    ``x <- x + eps_step score + sqrt(2 eps_step) z`` with ``eps_step = 2 a (snr sigma_t)^2``
+    (:func:`langevin_step_size`, independent of the state) and ``a = alpha_{t|s}^2``
+    (``1 - beta_i`` for DDPM steps, 1 for VE).
     Predictor (reverse diffusion, Alg. 2/3 with the exact forward transition):
     ``x_s = (x_t + sigma_{t|s}^2 score) / alpha_{t|s} + sigma_{t|s} z``.
     """

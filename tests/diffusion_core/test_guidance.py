@@ -5,11 +5,12 @@ import torch
 from torch import nn
 
 from diffusion_core.analytic import GaussianMixtureDenoiser
-from diffusion_core.denoiser import Denoiser
+from diffusion_core.denoiser import ClipX0, Denoiser
 from diffusion_core.guidance import ClassifierFreeGuidance
 from diffusion_core.losses import drop_labels
 from diffusion_core.processes import VPSDE, DiscreteDDPM
-from diffusion_core.samplers import SAMPLERS
+from diffusion_core.rng import StackedRNG
+from diffusion_core.samplers import SAMPLERS, generate
 
 MEANS = torch.tensor([[-1.0, 0.5], [0.8, -0.6], [0.0, 1.0]]).reshape(3, 1, 1, 2)
 STD = 0.3
@@ -110,6 +111,8 @@ def test_scale_convention():
     p = VPSDE()
     d = GaussianMixtureDenoiser(MEANS, STD, p)
     assert ClassifierFreeGuidance.from_scale(d, 3.0).w == 2.0
+    # from_scale keeps every option of the constructor
+    assert ClassifierFreeGuidance.from_scale(d, 3.0, null_label=1).null_label == 1
     with pytest.raises(ValueError, match="w must be"):
         ClassifierFreeGuidance(d, -1.0)
 
@@ -124,3 +127,53 @@ def test_label_dropout_rate_and_null_label():
     assert torch.equal(dropped[kept], labels[kept])
     assert not (labels == 10).any()  # the null label is never a dataset class
     assert torch.equal(drop_labels(labels, 0.0, 10, g), labels)
+
+
+# ------------------------------------------------------------------------------ x0 clipping
+WIDE = 3.0 * MEANS  # class means outside [-1, 1], so clipping has something to do
+
+
+def test_clip_x0_clamps_and_keeps_eps_consistent():
+    p = VPSDE()
+    d = GaussianMixtureDenoiser(WIDE, STD, p)
+    x = 2 * torch.randn(64, 1, 1, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(64) % 3
+    t = torch.full((64,), 0.3, dtype=torch.float64)
+    raw, out = d(x, t, labels), ClipX0(d)(x, t, labels)
+    a, s = p.alpha(t[0]).item(), p.sigma(t[0]).item()
+    assert torch.equal(out.x0, raw.x0.clamp(-1, 1))
+    assert (raw.x0.abs() > 1).any()
+    assert torch.allclose(a * out.x0 + s * out.eps, x, atol=1e-12)
+    inside = raw.x0.abs() <= 1
+    assert torch.allclose(out.eps[inside], raw.eps[inside], atol=1e-12)
+
+
+def test_clipping_is_applied_once_after_guidance():
+    """generate(clip_x0=True) clips the GUIDED x0 once: clip(guide(eps_c, eps_u)), which differs
+    from guiding two clipped predictions."""
+    p = DiscreteDDPM(100)
+    d = GaussianMixtureDenoiser(WIDE, STD, p)
+    guided = ClassifierFreeGuidance(d, 2.0)
+    labels = torch.arange(16) % 3
+    kw = {"shape": (1, 1, 2), "seeds": range(16), "labels": labels, "steps": 10}
+    res = generate(guided, p, "ddim", clip_x0=True, **kw).x
+    seen = []
+    generate(guided, p, "ddim", clip_x0=True, callback=lambda c: seen.append(c["x0_pred"]), **kw)
+    assert all(x0.abs().max() <= 1 for x0 in seen)
+    x_T = p.prior_sample((16, 1, 1, 2), StackedRNG(range(16)))
+    grid = p.time_grid(10)
+    once = SAMPLERS["ddim"](ClipX0(guided), p, x_T, grid, labels=labels).x
+    inner = SAMPLERS["ddim"](ClassifierFreeGuidance(ClipX0(d), 2.0, null_label=3), p, x_T, grid,
+                             labels=labels).x
+    assert torch.allclose(res, once, atol=1e-6)
+    assert not torch.allclose(once, inner, atol=1e-3)
+    # off by default: the unclipped sampler leaves the data range
+    free = generate(guided, p, "ddim", **kw).x
+    assert free.abs().max() > 1.5 and res.abs().max() <= 1.0 + 1e-6
+
+
+def test_denoiser_and_guidance_have_no_clipping_of_their_own():
+    import inspect
+
+    assert "clip" not in str(inspect.signature(Denoiser))
+    assert "clip" not in str(inspect.signature(ClassifierFreeGuidance))

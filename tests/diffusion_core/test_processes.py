@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from diffusion_core.processes import (
+    SPACINGS,
     VESDE,
     VPSDE,
     DiscreteDDPM,
@@ -128,21 +129,126 @@ def test_posterior_by_monte_carlo():
 
 
 @pytest.mark.parametrize("process", ALL, ids=lambda p: p.name)
-@pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
+@pytest.mark.parametrize("spacing", SPACINGS)
 def test_time_grid_shape(process, spacing):
     g = process.time_grid(20, spacing)
     assert g.numel() == 21
-    assert g[0].item() == pytest.approx(1.0)
     assert g[-1].item() == 0.0
-    assert g[-2].item() == pytest.approx(process.t_min)
     assert torch.all(g[1:] < g[:-1])
+    assert g[0].item() <= 1.0 and g[-2].item() >= process.t_min - 1e-12
+    # which ends a spacing includes
+    starts_at_1 = spacing in ("linspace", "trailing", "logsnr", "karras")
+    ends_at_min = spacing != "trailing"
+    assert (g[0].item() == pytest.approx(1.0)) == starts_at_1
+    assert (g[-2].item() == pytest.approx(process.t_min)) == ends_at_min
+
+
+# step indices i (1..N) of a 1000-step DDPM with 10 steps, written out from each definition
+DDPM_STEPS = {
+    # k = round(j 999/9) = 111 j, i = k + 1
+    "linspace": [1000, 889, 778, 667, 556, 445, 334, 223, 112, 1],
+    # k = 100 j
+    "leading": [901, 801, 701, 601, 501, 401, 301, 201, 101, 1],
+    # k = round(1000 - 100 j) - 1
+    "trailing": [1000, 900, 800, 700, 600, 500, 400, 300, 200, 100],
+    # k = floor(800 j^2 / 81): 0, 9, 39, 88, 158, 246, 355, 483, 632, 800
+    "quadratic": [801, 633, 484, 356, 247, 159, 89, 40, 10, 1],
+}
+
+
+@pytest.mark.parametrize("spacing", list(DDPM_STEPS))
+def test_ddpm_grid_indices(spacing):
+    g = DiscreteDDPM(1000).time_grid(10, spacing)
+    assert torch.round(g * 1000).long().tolist() == DDPM_STEPS[spacing] + [0]
+
+
+def test_ddpm_quadratic_collisions_move_up():
+    # 200 quadratic steps of 1000: DDIM's k = floor(800 j^2 / 199^2) is 0 for j = 0..7, 1, ...;
+    # the repeated low steps move up one at a time, so all 200 are distinct
+    idx = torch.round(DiscreteDDPM(1000).time_grid(200, "quadratic") * 1000).long()[:-1]
+    k = torch.floor((torch.arange(200.0, dtype=torch.float64) * (800**0.5 / 199)) ** 2)
+    assert idx.unique().numel() == 200 and idx[-1] == 1 and idx[0] == 801
+    # above the collisions every step is DDIM's own
+    assert torch.equal(idx[:100].flip(0), k[100:].long() + 1)
+
+
+def test_ddpm_one_step_grids():
+    p = DiscreteDDPM(100)
+    assert p.time_grid(1, "linspace").tolist() == [1.0, 0.0]  # step N (diffusers: step 1)
+    assert p.time_grid(1, "trailing").tolist() == [1.0, 0.0]
+    assert p.time_grid(1, "leading").tolist() == [0.01, 0.0]
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize(("n", "steps"), [(1000, 10), (1000, 50), (1000, 3), (1000, 7),
+                                          (100, 30), (500, 500), (1000, 999), (50, 49)])
+def test_ddpm_grid_matches_diffusers_timesteps(spacing, n, steps):
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDPMScheduler(num_train_timesteps=n, timestep_spacing=spacing)
+    sched.set_timesteps(steps)
+    ref = sched.timesteps.tolist()
+    if len(ref) != steps:
+        pytest.skip(f"diffusers returns {len(ref)} {spacing} timesteps for {steps} steps")
+    ours = torch.round(DiscreteDDPM(n).time_grid(steps, spacing) * n).long()[:-1] - 1
+    assert ours.tolist() == ref
+
+
+@pytest.mark.parametrize("process", CONTINUOUS, ids=lambda p: p.name)
+def test_continuous_index_spacings(process):
+    lo = process.t_min
+    u = {"linspace": [1.0, 0.75, 0.5, 0.25, 0.0], "leading": [0.8, 0.6, 0.4, 0.2, 0.0],
+         "trailing": [1.0, 0.8, 0.6, 0.4, 0.2], "quadratic": [0.8, 0.45, 0.2, 0.05, 0.0]}
+    for spacing, frac in u.items():
+        expected = torch.tensor([lo + (1 - lo) * f for f in frac] + [0.0], dtype=torch.float64)
+        assert torch.allclose(process.time_grid(5, spacing), expected, atol=1e-12), spacing
+
+
+@pytest.mark.parametrize("process", ALL, ids=lambda p: p.name)
+def test_logsnr_grid_is_uniform_in_lambda(process):
+    g = process.time_grid(8, "logsnr")[:-1]
+    lam = process.log_snr(g)
+    if process.discrete:  # snapped to steps: within one step's change of lambda
+        ideal = torch.linspace(lam[0].item(), lam[-1].item(), 8, dtype=torch.float64)
+        one_step = (process.log_snr(g - 1e-3) - lam).abs()
+        assert torch.all((lam - ideal).abs() <= one_step)
+    else:
+        assert torch.allclose(lam.diff(), lam.diff().mean().expand(7), rtol=1e-8)
+        assert lam[0].item() == pytest.approx(process.log_snr(torch.tensor(1.0)).item())
+
+
+@pytest.mark.parametrize("process", CONTINUOUS, ids=lambda p: p.name)
+@pytest.mark.parametrize("rho", [7.0, 3.0])
+def test_karras_grid_spaces_sigma_over_alpha(process, rho):
+    g = process.time_grid(6, "karras", rho=rho)[:-1]
+    sig = process.sigma(g) / process.alpha(g)
+    smax, smin = sig[0].item(), sig[-1].item()
+    i = torch.arange(6, dtype=torch.float64) / 5
+    expected = (smax ** (1 / rho) + i * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    assert torch.allclose(sig, expected, rtol=1e-8)
+    assert g[0].item() == 1.0 and g[-1].item() == process.t_min
+
+
+@pytest.mark.parametrize("process", ALL, ids=lambda p: p.name)
+def test_inverse_log_snr(process):
+    t = torch.tensor([process.t_min, 0.013, 0.3, 0.77, 1.0], dtype=torch.float64)
+    assert torch.allclose(process.inverse_log_snr(process.log_snr(t)), t, atol=1e-9)
+
+
+def test_uniform_is_a_deprecated_alias_and_unknown_names_fail():
+    p = DiscreteDDPM(100)
+    with pytest.warns(DeprecationWarning, match="linspace"):
+        g = p.time_grid(10, "uniform")
+    assert torch.equal(g, p.time_grid(10, "linspace"))
+    with pytest.raises(ValueError, match="spacing"):
+        VPSDE().time_grid(10, "cosine")
 
 
 def test_ddpm_full_grid_is_every_step():
     p = DiscreteDDPM(100)
-    g = p.time_grid(100)
-    expected = torch.cat([torch.arange(100, 0, -1).double() / 100, torch.zeros(1)])
-    assert torch.allclose(g, expected.double())
+    for spacing in SPACINGS:
+        g = p.time_grid(100, spacing)
+        expected = torch.cat([torch.arange(100, 0, -1).double() / 100, torch.zeros(1)])
+        assert torch.allclose(g, expected.double()), spacing
     with pytest.raises(ValueError, match="steps"):
         p.time_grid(101)
 

@@ -80,6 +80,8 @@ BAD: list[tuple[str, Edit, str]] = [
         _method("x", {"sampler": "edm_heun", "steps": 1}),
         "methods.x.steps: Input should be greater than or equal to 2",
     ),
+    ("old spacing name", _method("x", {"sampler": "ddim", "steps": 5, "spacing": "uniform"}),
+     "methods.x.spacing: Input should be 'linspace'"),
     ("no sampler", _method("x", {"steps": 5}), "methods.x.sampler: Field required"),
     ("bad method name", _method("Big One", {"sampler": "ddim", "steps": 5}), "methods.Big One"),
     (
@@ -255,3 +257,20 @@ def test_flatten() -> None:
         "a.c.d": [1, 2],
         "e": None,
     }
+
+
+def test_spacing_names_and_clip_option() -> None:
+    from typing import get_args
+
+    from diffusion_core.processes import SPACINGS
+    from pipeline.config import Spacing
+
+    assert get_args(Spacing) == SPACINGS  # the config offers exactly the library's spacings
+    raw = tiny_raw()
+    raw["methods"]["c"] = {"sampler": "pc", "steps": 5, "spacing": "trailing", "clip_x0": "true"}
+    params = validate_params(raw)
+    assert params.methods["c"].spacing == "trailing" and params.methods["c"].clip_x0 is True
+    # neither is a sampler setting: generate() takes them by name
+    assert params.methods["c"].settings() == {"snr": 0.16, "corrector_steps": 1}
+    assert params.methods["ddim5"].clip_x0 is False
+    assert validate_params(default_raw()).methods["ddim50"].spacing == "linspace"
