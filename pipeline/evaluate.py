@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from diffusion_core.checkpoint import load_checkpoint
-from diffusion_core.data import from_uint8
+from diffusion_core.data import from_uint8, to_levels
 from diffusion_core.distributed import default_device
 from diffusion_core.likelihood import bits_per_dim
 from diffusion_core.metrics import (
@@ -90,14 +90,14 @@ def _bits_per_dim(params: Params, method: str, device: torch.device) -> dict[str
         return {}
     denoiser, process, _ = load_model(device)
     test_x, _ = load_split(paths.TEST_DATA)
-    top = params.dataset.pixel_levels - 1
-    levels = ((test_x[:count] + 1.0) / 2.0 * top).round().long().clamp(0, top)
+    num_levels = params.dataset.pixel_levels
+    levels = to_levels(test_x[:count], num_levels)
     values, nfe = [], 0
     for lo in range(0, levels.shape[0], params.evaluate.batch_size):
         chunk = levels[lo : lo + params.evaluate.batch_size].to(device)
         seeds = [params.seed + i for i in range(lo, lo + chunk.shape[0])]
         bpd, used = bits_per_dim(
-            denoiser, process, chunk, top + 1, seeds=seeds, rtol=m.rtol, atol=m.atol
+            denoiser, process, chunk, num_levels, seeds=seeds, rtol=m.rtol, atol=m.atol
         )
         values.append(bpd.detach().double().cpu())
         nfe = max(nfe, used)
