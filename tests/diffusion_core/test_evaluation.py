@@ -105,7 +105,9 @@ def test_floor_extrapolates_to_n_beyond_the_real_set() -> None:
 def test_kid_is_unbiased_scale_free_and_uses_proper_subsets() -> None:
     rng = np.random.default_rng(4)
     ref = normal(rng, 400)
-    same = [kid(standardise(normal(rng, 400), ref), standardise(ref, ref), seed=i) for i in range(8)]
+    same = [
+        kid(standardise(normal(rng, 400), ref), standardise(ref, ref), seed=i) for i in range(8)
+    ]
     means = np.array([m for m, _ in same])
     assert abs(means.mean()) < 3 * means.std(ddof=1) / np.sqrt(8) + 1e-4
     assert all(s > 0 for _, s in same)
