@@ -71,11 +71,13 @@ __all__ = [
     "floor_fid",
     "kid",
     "kid_subset_size",
+    "memorisation",
     "near_copy_fraction",
     "nearest_distances",
     "overlaps",
     "prdc",
     "reference_split",
+    "score_features",
     "standardise",
     "verdict",
     "indistinguishable_from",
@@ -432,3 +434,83 @@ def indistinguishable_from(
     """For each name, the other names whose intervals overlap its own (in the given order)."""
     names: Sequence[str] = list(intervals)
     return {a: [b for b in names if b != a and overlaps(intervals[a], intervals[b])] for a in names}
+
+
+def score_features(
+    samples: np.ndarray,
+    reference: np.ndarray,
+    floor: np.ndarray,
+    *,
+    draws: int = 200,
+    confidence: float = 0.95,
+    kid_subsets: int = 100,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Every feature-space score of ``samples`` against the reference half, with the floor half.
+
+    Flat names: ``fid``, ``fid_ci_low``, ``fid_ci_high`` (:func:`fid_interval`); ``fid_floor``,
+    ``fid_floor_ci_low``, ``fid_floor_ci_high``, ``fid_floor_slope`` (:func:`floor_fid` at
+    ``n = len(samples)``); ``kid_x1000``, ``kid_x1000_std``, ``kid_floor_x1000``,
+    ``kid_floor_x1000_std`` with ``kid_subset_size`` (:func:`kid` on standardised features,
+    the same subset size for both); ``precision``, ``recall``, ``density``, ``coverage`` and
+    their ``*_floor`` values on the first ``prdc_n = min(n, |F|)`` images of each set
+    (:func:`prdc`; both at the same size, since recall and coverage grow with it).
+    """
+    samples = _as_features(samples, "samples")
+    reference, floor = _as_features(reference, "reference"), _as_features(floor, "floor")
+    n = samples.shape[0]
+    stats = ReferenceStatistics(reference)
+    fid = fid_interval(samples, stats, draws=draws, confidence=confidence, seed=seed)
+    fl = floor_fid(floor, stats, n, draws=draws, confidence=confidence, seed=seed + 1)
+    z_samples, z_ref, z_floor = (standardise(x, reference) for x in (samples, reference, floor))
+    m = kid_subset_size(n, reference.shape[0], floor.shape[0])
+    kid_s = kid(z_samples, z_ref, subset_size=m, num_subsets=kid_subsets, seed=seed)
+    kid_f = kid(z_floor, z_ref, subset_size=m, num_subsets=kid_subsets, seed=seed)
+    m_pr = min(n, floor.shape[0])
+    out = {
+        "fid": fid.value,
+        "fid_ci_low": fid.low,
+        "fid_ci_high": fid.high,
+        "fid_floor": fl.value,
+        "fid_floor_ci_low": fl.low,
+        "fid_floor_ci_high": fl.high,
+        "fid_floor_slope": fl.slope,
+        "kid_x1000": 1000.0 * kid_s[0],
+        "kid_x1000_std": 1000.0 * kid_s[1],
+        "kid_floor_x1000": 1000.0 * kid_f[0],
+        "kid_floor_x1000_std": 1000.0 * kid_f[1],
+        "kid_subset_size": float(m),
+        "prdc_n": float(m_pr),
+    }
+    out.update(prdc(z_ref, z_samples[:m_pr]))
+    out.update({f"{k}_floor": v for k, v in prdc(z_ref, z_floor[:m_pr]).items()})
+    return out
+
+
+def memorisation(
+    samples: np.ndarray,
+    train: np.ndarray,
+    reference: np.ndarray,
+    floor: np.ndarray,
+    *,
+    quantile: float = 0.05,
+) -> dict[str, float]:
+    """Near-copies of training images, in the space the arrays are given in (e.g. pixels).
+
+    ``near_copy_fraction``: share of samples closer to their nearest training image than the
+    ``quantile`` of the reference half's nearest-training distances; ``near_copy_fraction_heldout``
+    the same for the floor half (about ``quantile`` for fresh real images);
+    ``nn_train_distance_ratio``: median nearest-training distance of the samples over that of the
+    floor half (below 1: samples sit closer to the training set than new real images do).
+    """
+    d_samples = nearest_distances(samples, train)
+    d_ref = nearest_distances(reference, train)
+    d_floor = nearest_distances(floor, train)
+    fraction, threshold = near_copy_fraction(d_samples, d_ref, quantile)
+    heldout, _ = near_copy_fraction(d_floor, d_ref, quantile)
+    return {
+        "near_copy_fraction": fraction,
+        "near_copy_fraction_heldout": heldout,
+        "near_copy_threshold": threshold,
+        "nn_train_distance_ratio": float(np.median(d_samples) / np.median(d_floor)),
+    }
