@@ -6,10 +6,11 @@ test split, which neither the diffusion model nor the evaluation classifier trai
 dataset's grey levels (``data.to_levels``/``from_levels``, as real images are stored), their
 features computed in batches of ``evaluate.batch_size``, and scored against R:
 
-* ``fid`` with ``fid_ci_low``/``fid_ci_high`` (bootstrap, level ``evaluate.confidence``);
-  ``fid_floor`` with its interval: what ``n = sample.n_images`` real images score against R,
-  from F at matched n (any n: F's FIDs at several sizes extrapolated along ``a + b/n``);
-  ``verdict``: "indistinguishable from real data at this n", "worse than floor" or "below floor".
+* ``fid`` with ``fid_ci_low``/``fid_ci_high`` (bootstrap, level ``evaluate.confidence``) at
+  ``n = sample.n_images`` (any n: not capped by the held-out count), to compare methods;
+  ``fid_floor`` with its interval: what ``m = fid_matched_n = min(n, |F|)`` real images score
+  against R, from F; ``fid_matched``: the FID of the first ``m`` samples; ``verdict`` (from
+  those two): "indistinguishable from real data at this n", "worse than floor" or "below floor".
 * ``kid_x1000`` +- ``kid_x1000_std`` and ``kid_floor_x1000`` (standardised features, subsets of
   ``kid_subset_size``); ``precision``, ``recall``, ``density``, ``coverage`` and their
   ``*_floor`` values (F against R at the same size ``prdc_n``).
@@ -183,7 +184,8 @@ def run(params: Params, method: str) -> dict[str, Any]:
     write_json(paths.eval_metrics(method), record)
     print(
         f"{method}: FID {metrics['fid']:.4g} [{metrics['fid_ci_low']:.4g}, "
-        f"{metrics['fid_ci_high']:.4g}], floor {metrics['fid_floor']:.4g} "
+        f"{metrics['fid_ci_high']:.4g}]; at m = {metrics['fid_matched_n']:.0f} "
+        f"{metrics['fid_matched']:.4g} vs floor {metrics['fid_floor']:.4g} "
         f"[{metrics['fid_floor_ci_low']:.4g}, {metrics['fid_floor_ci_high']:.4g}]: "
         f"{record['verdict']}; KID x1000 {metrics['kid_x1000']:.3g} +- "
         f"{metrics['kid_x1000_std']:.2g}; P/R {metrics['precision']:.2f}/{metrics['recall']:.2f}"

@@ -40,14 +40,16 @@ FAMILY_FREE_KEYS = ("guidance",)
 GUIDANCE_COLUMNS = ("method", "sampler", "steps", "guidance", "fid", "class_accuracy")
 
 FID_VS_NFE_HEADER = (
-    "method,sampler,nfe,fid,fid_ci_low,fid_ci_high,fid_floor,fid_floor_ci_low,fid_floor_ci_high,"
-    "verdict,extractor"
+    "method,sampler,nfe,fid,fid_ci_low,fid_ci_high,fid_matched,fid_matched_n,fid_floor,"
+    "fid_floor_ci_low,fid_floor_ci_high,verdict,extractor"
 )
 # Numbers copied from the evaluate record into the summary row.
 SCORES = (
     "fid",
     "fid_ci_low",
     "fid_ci_high",
+    "fid_matched",
+    "fid_matched_n",
     "fid_floor",
     "fid_floor_ci_low",
     "fid_floor_ci_high",
@@ -70,7 +72,8 @@ COLUMNS = (
     ("guidance", "guidance"),
     ("nfe", "NFE"),
     ("fid", "FID [CI]"),
-    ("fid_floor", "floor [CI]"),
+    ("fid_matched", "FID at m"),
+    ("fid_floor", "floor at m [CI]"),
     ("kid_x1000", "KID x1000"),
     ("precision", "P / R"),
     ("density", "D / C"),
@@ -173,10 +176,13 @@ def _family_label(params: Params, first: str) -> str:
 
 
 def fid_floor(rows: list[dict[str, Any]]) -> tuple[float, float, float] | None:
-    """The FID floor ``(value, low, high)`` of the evaluated methods (every method has the same
-    n, so the same floor)."""
+    """The FID floor ``(value, low, high)`` at the methods' n (every method has the same n, so
+    the same floor); None when the floor was taken at fewer images (``m < n``), where drawing it
+    next to FIDs at n would mislead."""
     for r in rows:
         if r["status"] == "ok" and r.get("fid_floor") is not None:
+            if r.get("fid_matched_n") != r.get("n_images"):
+                return None
             return r["fid_floor"], r["fid_floor_ci_low"], r["fid_floor_ci_high"]
     return None
 
@@ -196,6 +202,10 @@ def _cell(r: dict[str, Any], key: str) -> str:
         return "null label"
     if key in ("fid", "fid_floor"):
         return _interval(r, key)
+    if key == "fid_matched":
+        if r.get(key) is None:
+            return "-"
+        return f"{_num(r[key])} (m = {r['fid_matched_n']:.0f})"
     if key == "kid_x1000":
         return "-" if r.get(key) is None else f"{r[key]:.3g} +- {r['kid_x1000_std']:.2g}"
     if key == "precision":
@@ -237,10 +247,11 @@ def markdown(rows: list[dict[str, Any]], extractor: str) -> str:
         *ties,
         "",
         f"FID, KID, P/R and D/C use the `{extractor}` feature extractor against the reference",
-        "half R of the held-out images (seen by neither the model nor the extractor). The floor",
-        "is what n real images score against R, from the other half F matched to n; its",
-        "interval is where the FID of n real images lands. Verdict: FID inside the floor's",
-        "interval = indistinguishable from real data at this n. KID on standardised features;",
+        "half R of the held-out images (seen by neither the model nor the extractor); FID [CI] at",
+        "n compares methods. The floor is what m = min(n, |F|) real images of the other half F",
+        "score against R; its interval is where such an FID lands. Verdict: the FID of m",
+        "samples (FID at m) inside the floor's interval = indistinguishable from real data at",
+        "this n. KID on standardised features;",
         "near copies: share of samples closer to a training image than 5 % of held-out ones.",
     ]
     if any(r.get("unconditional") for r in rows):
@@ -255,7 +266,7 @@ def markdown(rows: list[dict[str, Any]], extractor: str) -> str:
 
 def fid_vs_nfe_csv(rows: list[dict[str, Any]]) -> str:
     lines = [FID_VS_NFE_HEADER]
-    keys = ("nfe", "fid", "fid_ci_low", "fid_ci_high")
+    keys = ("nfe", "fid", "fid_ci_low", "fid_ci_high", "fid_matched", "fid_matched_n")
     keys += ("fid_floor", "fid_floor_ci_low", "fid_floor_ci_high")
     for r in sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["nfe"]):
         numbers = ",".join(f"{r[k]:.6g}" for k in keys)

@@ -51,6 +51,8 @@ def test_fast_fid_equals_clean_fid() -> None:
     index = rng.integers(0, 200, size=(3, 150))
     batch = ref.fid_of_draws(b, index)
     assert batch == pytest.approx([fid_from_features(b[i], a) for i in index], rel=1e-8)
+    counts = np.stack([np.bincount(i, minlength=200) for i in index]).astype(float)
+    assert ref.fid_of_weights(b, counts) == pytest.approx(batch, rel=1e-8)
 
 
 def test_closed_form_fid_between_gaussians_at_large_n() -> None:
@@ -177,3 +179,24 @@ def test_verdicts_and_overlaps() -> None:
     assert overlaps((1, 3), (2, 4)) and not overlaps((1, 2), (2.5, 4))
     groups = indistinguishable_from({"a": (1, 3), "b": (2, 4), "c": (5, 6)})
     assert groups == {"a": ["b"], "b": ["a"], "c": []}
+
+
+def test_score_features_compares_with_real_data_at_the_floors_size() -> None:
+    """n = 600 samples, |F| = 200: the verdict's FID and the floor are both at m = 200."""
+    from diffusion_core.evaluation import score_features
+
+    rng = np.random.default_rng(7)
+    ref, floor = normal(rng, 300, dim=8), normal(rng, 200, dim=8)
+    real_like = score_features(normal(rng, 600, dim=8), ref, floor, draws=50, kid_subsets=10)
+    shifted = score_features(
+        normal(rng, 600, 1.0, 0.5, dim=8), ref, floor, draws=50, kid_subsets=10
+    )
+    for out in (real_like, shifted):
+        assert out["fid_matched_n"] == 200 and out["prdc_n"] == 200
+        assert out["kid_subset_size"] == 100
+        assert out["fid_ci_low"] <= out["fid"] <= out["fid_ci_high"]
+    assert (
+        real_like["fid_floor_ci_low"] <= real_like["fid_matched"] <= real_like["fid_floor_ci_high"]
+    )
+    assert shifted["fid_matched"] > shifted["fid_floor_ci_high"]
+    assert shifted["kid_x1000"] > shifted["kid_floor_x1000"] + 3 * shifted["kid_x1000_std"]

@@ -182,6 +182,7 @@ def test_evaluate_and_report(workspace: Path) -> None:
     # every score sits inside its interval; a 6-step model is far from the data
     assert record["fid_ci_low"] <= record["fid"] <= record["fid_ci_high"]
     assert 0 <= record["fid_floor_ci_low"] <= record["fid_floor"] <= record["fid_floor_ci_high"]
+    assert record["fid_matched"] == record["fid"]  # n = 20 <= |F|: one size for both
     assert record["fid"] > record["fid_floor_ci_high"] and record["verdict"] == "worse than floor"
     assert record["kid_x1000"] > record["kid_floor_x1000"] and record["kid_x1000_std"] > 0
     assert record["kid_subset_size"] < record["n_images"]
@@ -253,6 +254,9 @@ def test_more_images_than_held_out_ones(workspace: Path) -> None:
             records[n] = evaluate.run(params, "many")
     small, large = records[20], records[600]
     assert large["n_images"] == 600 > read(workspace / paths.DATA_INFO)["n_test"]
+    # the verdict is taken at the floor's size: all of F, the first |F| samples
+    assert large["fid_matched_n"] == large["n_floor"] and small["fid_matched_n"] == 20
+    assert small["fid_matched"] == small["fid"] and large["fid_matched"] != large["fid"]
     assert large["fid_floor"] < small["fid_floor"]  # the bias b/n shrinks
     width = {n: r["fid_floor_ci_high"] - r["fid_floor_ci_low"] for n, r in records.items()}
     assert width[600] < width[20]
