@@ -21,9 +21,11 @@ from torch import Tensor
 __all__ = [
     "DATASETS",
     "DatasetUnavailable",
+    "from_levels",
     "from_uint8",
     "load_dataset",
     "read_idx",
+    "to_levels",
     "to_uint8",
     "train_test_split",
 ]
@@ -53,6 +55,27 @@ def to_uint8(images: Tensor) -> Tensor:
 def from_uint8(images: Tensor) -> Tensor:
     """Map ``0..255`` to ``[-1, 1]``: ``x / 127.5 - 1`` as float32 (inverse of ``to_uint8``)."""
     return images.to(torch.float32) / 127.5 - 1.0
+
+
+def from_levels(levels: Tensor | np.ndarray, num_levels: int) -> Tensor:
+    """Map integer pixel levels ``k in 0..L-1`` to ``[-1, 1]``: ``x = 2 k / (L - 1) - 1``.
+
+    The one map between a dataset's grey levels and the model's scale: data loading uses it
+    (digits: ``L = 17``, ``x = k / 8 - 1``; MNIST: ``L = 256``, ``x = k / 127.5 - 1``) and so does
+    ``likelihood.bits_per_dim`` (dequantisation bins of width ``2 / (L - 1)`` centred on ``x``).
+    """
+    if num_levels < 2:
+        raise ValueError(f"num_levels must be >= 2, got {num_levels}")
+    k = torch.as_tensor(np.asarray(levels) if isinstance(levels, np.ndarray) else levels)
+    return k.to(torch.float32) / ((num_levels - 1) / 2.0) - 1.0
+
+
+def to_levels(images: Tensor, num_levels: int) -> Tensor:
+    """Inverse of ``from_levels``: ``k = round((clamp(x, -1, 1) + 1) (L - 1) / 2)`` as int64."""
+    if num_levels < 2:
+        raise ValueError(f"num_levels must be >= 2, got {num_levels}")
+    top = num_levels - 1
+    return ((images.clamp(-1.0, 1.0) + 1.0) * (top / 2.0)).round().long().clamp(0, top)
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -86,11 +109,11 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 
 def _load_digits(root: Path | None, download: bool) -> tuple[Tensor, Tensor]:
-    """scikit-learn's bundled 8x8 digits, ``x / 8 - 1`` maps 0..16 to [-1, 1]."""
+    """scikit-learn's bundled 8x8 digits: ``from_levels(k, 17)`` maps 0..16 to [-1, 1]."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = torch.from_numpy(bunch.images.astype(np.float32) / 8.0 - 1.0).unsqueeze(1)
+    images = from_levels(bunch.images.astype(np.int64), 17).unsqueeze(1)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     return images.contiguous(), labels
 
@@ -117,7 +140,7 @@ def _mnist_files(root: Path) -> list[tuple[Path, Path]]:
 
 
 def _load_mnist(root: Path | None, download: bool) -> tuple[Tensor, Tensor]:
-    """MNIST from raw idx files; ``x / 127.5 - 1`` maps 0..255 to [-1, 1]."""
+    """MNIST from raw idx files; ``from_levels(k, 256)`` maps 0..255 to [-1, 1]."""
     if root is None:
         raise DatasetUnavailable(
             "mnist needs root=<folder> holding train-/t10k-{images-idx3,labels-idx1}-ubyte[.gz]"
@@ -153,7 +176,7 @@ def _load_mnist(root: Path | None, download: bool) -> tuple[Tensor, Tensor]:
                 f"mnist files disagree: {img_path.name} has shape {img.shape}, "
                 f"{lab_path.name} has shape {lab.shape}"
             )
-        images.append(torch.from_numpy(img.astype(np.float32) / 127.5 - 1.0))
+        images.append(from_levels(img.astype(np.int64), 256))
         labels.append(torch.from_numpy(lab.astype(np.int64)))
     return torch.cat(images).unsqueeze(1).contiguous(), torch.cat(labels)
 

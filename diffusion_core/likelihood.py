@@ -7,9 +7,16 @@ Along the ODE ``dx/dt = v(x, t)`` the log-density obeys the instantaneous change
 
 The divergence is estimated with the Hutchinson-Skilling trick ``div v ~= z^T (dv/dx) z`` with a
 fixed Rademacher ``z`` per image (one vector-Jacobian product per evaluation), or computed exactly
-for small inputs. Discrete data with ``L`` levels is uniformly dequantised
-(``y = 2 (k + u) / L - 1``, ``u ~ U[0, 1)``) and reported in bits per dimension on the level scale:
-``bpd = -(log p(y) + D log(2 / L)) / (D ln 2)``.
+for small inputs.
+
+Discrete data with ``L`` levels ``k`` live on the model's scale at ``x_k = 2 k / (L - 1) - 1``
+(``data.from_levels``, the map the data loaders use). They are uniformly dequantised in bins of
+width ``Delta = 2 / (L - 1)`` centred on those points, ``y = x_k + Delta (u - 1/2)``,
+``u ~ U[0, 1)^D``; the bins tile ``[-1 - Delta/2, 1 + Delta/2]``. The probability of the levels is
+``P(k) = int_bin p(y) dy >= Delta^D exp(E_u log p(y))`` (Jensen; Theis et al. 2016, "A note on the
+evaluation of generative models"; Ho et al. 2020, Sec. 3.3 use the same centred bins), so
+``bpd = -(log p(y) + D log Delta) / (D ln 2)`` is an upper bound on ``-log2 P(k) / D``, in bits per
+dimension on the level scale (``log2 L`` bits/dim is a uniform guess).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import math
 import torch
 from torch import Tensor
 
+from diffusion_core.data import from_levels
 from diffusion_core.rng import StackedRNG
 from diffusion_core.samplers.ode import dopri5, ode_velocity
 
@@ -86,9 +94,14 @@ def bits_per_dim(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     dtype: torch.dtype = torch.float32,
+    exact_trace: bool = False,
+    prior_logp=None,
 ) -> tuple[Tensor, int]:
     """Negative log-likelihood in bits/dim of integer images ``levels`` in ``0..num_levels-1``,
-    with uniform dequantisation and the Hutchinson-Skilling estimator, per image."""
+    per image: ``-(log p(x_k + Delta (u - 1/2)) + D log Delta) / (D ln 2)``, ``Delta = 2/(L-1)``.
+
+    ``u`` and the Hutchinson-Skilling probes come from per-image seeds; ``exact_trace`` and
+    ``prior_logp`` are passed to ``ode_log_likelihood``."""
     if levels.dtype.is_floating_point:
         raise ValueError("bits_per_dim expects integer pixel levels (e.g. uint8), not floats")
     if int(levels.min()) < 0 or int(levels.max()) >= num_levels:
@@ -96,9 +109,11 @@ def bits_per_dim(
     seeds = list(range(levels.shape[0])) if seeds is None else seeds
     rng = StackedRNG(seeds, levels.device)
     u = rng.rand(levels.shape[1:], dtype=torch.float64).to(levels.device)
-    y = (2.0 * (levels.double() + u) / num_levels - 1.0).to(dtype)
-    logp, nfe = ode_log_likelihood(denoiser, process, y, labels=labels, rng=rng,
-                                   rtol=rtol, atol=atol)
+    delta = 2.0 / (num_levels - 1)
+    centres = from_levels(levels, num_levels).double()
+    y = (centres + delta * (u - 0.5)).to(dtype)
+    logp, nfe = ode_log_likelihood(denoiser, process, y, labels=labels, rng=rng, rtol=rtol,
+                                   atol=atol, exact_trace=exact_trace, prior_logp=prior_logp)
     d = y[0].numel()
-    bpd = -(logp + d * math.log(2.0 / num_levels)) / (d * math.log(2.0))
+    bpd = -(logp + d * math.log(delta)) / (d * math.log(2.0))
     return bpd, nfe

@@ -1,8 +1,10 @@
 """Stage ``classifier``: train the evaluation classifier, the feature extractor of FID and KID.
 
 Writes ``models/classifier.pt`` (``{"config", "state_dict"}``), ``models/reference_features.pt``
-(clean-fid features of the train and test splits, reused by every ``evaluate``) and
-``metrics/classifier.json`` (test accuracy). Deterministic for a given seed on CPU.
+(clean-fid features of the train and test splits, and the indices of the test split's reference
+half R and floor half F, ``diffusion_core.evaluation.reference_split`` seeded with ``seed``;
+reused by every ``evaluate``) and ``metrics/classifier.json`` (test accuracy). Deterministic for
+a given seed on CPU.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from diffusion_core.checkpoint import load_checkpoint, save_atomic
 from diffusion_core.distributed import default_device
+from diffusion_core.evaluation import reference_split
 from diffusion_core.metrics import (
     CleanFIDFeatureExtractor,
     FeatureClassifier,
@@ -44,6 +47,12 @@ def features(
     return torch.from_numpy(feats)
 
 
+def held_out_halves(params: Params, test_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the reference half R and the floor half F of the test split (seeded)."""
+    ref, floor = reference_split(test_labels.numpy(), params.seed)
+    return torch.from_numpy(ref), torch.from_numpy(floor)
+
+
 def run(params: Params) -> dict[str, Any]:
     """Train, score on the test split, cache reference features; returns the metrics record."""
     device = default_device()
@@ -71,6 +80,7 @@ def run(params: Params) -> dict[str, Any]:
         "train": features(model, train_x, cfg.batch_size, device),
         "test": features(model, test_x, cfg.batch_size, device),
     }
+    reference["reference_index"], reference["floor_index"] = held_out_halves(params, test_y)
     save_atomic(reference, paths.REFERENCE_FEATURES)
     record = {
         "test_accuracy": classification_accuracy(model, test_x, test_y, cfg.batch_size, device),

@@ -222,8 +222,12 @@ MethodName = Annotated[str, Field(pattern=METHOD_NAME)]
 
 class EvaluateParams(_Section):
     extractor: Literal["classifier", "inception"]
-    batch_size: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="images per feature-extractor batch")
     bpd_images: int = Field(ge=0)
+    bootstrap: int = Field(200, ge=10, description="bootstrap draws per FID / floor interval")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="level of the intervals")
+    kid_subsets: int = Field(100, ge=2, description="random subsets per KID estimate")
+    near_copy_quantile: float = Field(0.05, gt=0.0, lt=1.0)
 
 
 class TrackingParams(_Section):
@@ -314,11 +318,6 @@ def _cross_field_errors(p: Params) -> list[str]:
         errors.append(
             f"train.batch_size: must not exceed the {train_size} training images "
             f"(got {p.train.batch_size})"
-        )
-    if p.sample.n_images > p.test_size:
-        errors.append(
-            f"sample.n_images: must not exceed the {p.test_size} test images that give the "
-            f"FID floor (got {p.sample.n_images})"
         )
     if p.evaluate.bpd_images > p.test_size:
         errors.append(

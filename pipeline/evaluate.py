@@ -1,21 +1,31 @@
-"""Stage ``evaluate --method M``: sample quality of one method against the training split.
+"""Stage ``evaluate --method M``: sample quality of one method, with intervals and a verdict.
 
-* ``fid_<extractor>``: FID (Heusel et al. 2017) between the samples' features and the train
-  split's, through clean-fid with the evaluation classifier (``extractor: classifier``, features
-  cached by the classifier stage) or clean-fid's Inception-v3 (``extractor: inception``, needs
-  its weights on disk).
-* ``fid_floor_<extractor>``: the same FID for ``n`` held-out test images, the value a perfect
-  model would reach with ``n = sample.n_images`` images (FID is biased upwards for small n).
-* ``kid_<extractor>`` and ``kid_floor_<extractor>``: KID (Binkowski et al. 2018), unbiased.
+The protocol is ``diffusion_core.evaluation``'s (see its docstring and the README): the held-out
+test split, which neither the diffusion model nor the evaluation classifier trained on, is split
+(stratified, seeded) into a reference half R and a floor half F. Samples are snapped to the
+dataset's grey levels (``data.to_levels``/``from_levels``, as real images are stored), their
+features computed in batches of ``evaluate.batch_size``, and scored against R:
+
+* ``fid`` with ``fid_ci_low``/``fid_ci_high`` (bootstrap, level ``evaluate.confidence``) at
+  ``n = sample.n_images`` (any n: not capped by the held-out count), to compare methods;
+  ``fid_floor`` with its interval: what ``m = fid_matched_n = min(n, |F|)`` real images score
+  against R, from F; ``fid_matched``: the FID of the first ``m`` samples; ``verdict`` (from
+  those two): "indistinguishable from real data at this n", "worse than floor" or "below floor".
+* ``kid_x1000`` +- ``kid_x1000_std`` and ``kid_floor_x1000`` (standardised features, subsets of
+  ``kid_subset_size``); ``precision``, ``recall``, ``density``, ``coverage`` and their
+  ``*_floor`` values (F against R at the same size ``prdc_n``).
+* ``near_copy_fraction`` (pixel space, against the training split) and
+  ``near_copy_fraction_heldout`` (F's value; about ``evaluate.near_copy_quantile``).
 * ``class_accuracy``: for samples drawn with class labels (a conditional model, not an
   ``unconditional`` method), the fraction the evaluation classifier assigns to the class they
   were asked for.
 * ``bpd``: for ``ode_rk45`` methods when ``evaluate.bpd_images > 0``, the negative
   log-likelihood in bits/dim of that many test images under the probability-flow ODE with the
-  method's tolerances (Song et al. 2021, Sec. 4.3), unconditional (null label), uniformly
-  dequantised on the dataset's pixel levels; image ``i`` uses seed ``seed + i``.
+  method's tolerances (Song et al. 2021, Sec. 4.3), unconditional (null label), dequantised in
+  bins centred on the dataset's pixel levels; image ``i`` uses seed ``seed + i``.
 
-Writes ``metrics/eval/M.json`` (the track stage logs it to MLflow as ``<metric>/M``).
+``extractor`` names the feature extractor (``classifier`` or ``inception``). Writes
+``metrics/eval/M.json`` (the track stage logs its numbers to MLflow as ``<metric>/M``).
 """
 
 from __future__ import annotations
@@ -26,19 +36,14 @@ import numpy as np
 import torch
 
 from diffusion_core.checkpoint import load_checkpoint
-from diffusion_core.data import from_uint8
+from diffusion_core.data import from_levels, from_uint8, to_levels
 from diffusion_core.distributed import default_device
+from diffusion_core.evaluation import memorisation, score_features, verdict
 from diffusion_core.likelihood import bits_per_dim
-from diffusion_core.metrics import (
-    classification_accuracy,
-    extract_features,
-    fid_from_features,
-    inception_extractor,
-    kid_from_features,
-)
+from diffusion_core.metrics import classification_accuracy, extract_features, inception_extractor
 from pipeline import paths
-from pipeline.classifier import features, load_classifier
-from pipeline.config import Params, ParamsError, RK45Method
+from pipeline.classifier import features, held_out_halves, load_classifier
+from pipeline.config import Params, RK45Method
 from pipeline.errors import StageError
 from pipeline.files import read_json, write_json, write_provenance
 from pipeline.prepare import load_split
@@ -53,22 +58,16 @@ def _load_samples(method: str) -> dict[str, Any]:
         raise StageError(f"{path} is missing: run `diffusion sample -m {method}` first") from None
 
 
-def _reference(params: Params, n: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Train features and the first ``n`` test features for ``evaluate.extractor``."""
+def _reference(
+    params: Params, test_x: torch.Tensor, test_y: torch.Tensor, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features of the reference half R and the floor half F of the test split."""
+    ref_idx, floor_idx = held_out_halves(params, test_y)
     if params.evaluate.extractor == "classifier":
-        ref = load_checkpoint(paths.REFERENCE_FEATURES, map_location="cpu")
-        train, test = ref["train"].numpy(), ref["test"].numpy()
+        test = load_checkpoint(paths.REFERENCE_FEATURES, map_location="cpu")["test"].numpy()
     else:
-        train_x, _ = load_split(paths.TRAIN_DATA)
-        test_x, _ = load_split(paths.TEST_DATA)
-        train = _inception(train_x, params, device)
-        test = _inception(test_x[:n], params, device)
-    if test.shape[0] < n:
-        raise ParamsError(
-            f"sample.n_images: the FID floor needs as many test images, there are "
-            f"{test.shape[0]} (got {n})"
-        )
-    return train, test[:n]
+        test = _inception(test_x, params, device)
+    return test[ref_idx.numpy()], test[floor_idx.numpy()]
 
 
 def _inception(images: torch.Tensor, params: Params, device: torch.device) -> np.ndarray:
@@ -89,14 +88,14 @@ def _bits_per_dim(params: Params, method: str, device: torch.device) -> dict[str
         return {}
     denoiser, process, _ = load_model(device)
     test_x, _ = load_split(paths.TEST_DATA)
-    top = params.dataset.pixel_levels - 1
-    levels = ((test_x[:count] + 1.0) / 2.0 * top).round().long().clamp(0, top)
+    num_levels = params.dataset.pixel_levels
+    levels = to_levels(test_x[:count], num_levels)
     values, nfe = [], 0
     for lo in range(0, levels.shape[0], params.evaluate.batch_size):
         chunk = levels[lo : lo + params.evaluate.batch_size].to(device)
         seeds = [params.seed + i for i in range(lo, lo + chunk.shape[0])]
         bpd, used = bits_per_dim(
-            denoiser, process, chunk, top + 1, seeds=seeds, rtol=m.rtol, atol=m.atol
+            denoiser, process, chunk, num_levels, seeds=seeds, rtol=m.rtol, atol=m.atol
         )
         values.append(bpd.detach().double().cpu())
         nfe = max(nfe, used)
@@ -113,6 +112,10 @@ def _skipped(params: Params, method: str, sample_record: dict[str, Any]) -> dict
     return record
 
 
+def _flat(images: torch.Tensor) -> np.ndarray:
+    return images.flatten(1).double().numpy()
+
+
 def run(params: Params, method: str) -> dict[str, Any]:
     """Score one method's samples; returns the metrics record."""
     params.method(method)  # a clear error for an unknown name
@@ -121,38 +124,64 @@ def run(params: Params, method: str) -> dict[str, Any]:
         return _skipped(params, method, sample_record)
     device = default_device()
     samples = _load_samples(method)
-    images = from_uint8(samples["images"])
+    levels = params.dataset.pixel_levels
+    images = from_levels(to_levels(from_uint8(samples["images"]), levels), levels)
     n = images.shape[0]
-    name = params.evaluate.extractor
-    batch = params.evaluate.batch_size
-    train_f, test_f = _reference(params, n, device)
+    name, ev = params.evaluate.extractor, params.evaluate
+    train_x, _ = load_split(paths.TRAIN_DATA)
+    test_x, test_y = load_split(paths.TEST_DATA)
+    ref_f, floor_f = _reference(params, test_x, test_y, device)
     classifier = load_classifier(device)
     if name == "classifier":
-        sample_f = features(classifier, images, batch, device).numpy()
+        sample_f = features(classifier, images, ev.batch_size, device).numpy()
     else:
         sample_f = _inception(images, params, device)
-    metrics: dict[str, float] = {
-        f"fid_{name}": fid_from_features(sample_f, train_f),
-        f"fid_floor_{name}": fid_from_features(test_f, train_f),
-        f"kid_{name}": kid_from_features(sample_f, train_f, seed=params.seed),
-        f"kid_floor_{name}": kid_from_features(test_f, train_f, seed=params.seed),
-    }
+    metrics: dict[str, float] = score_features(
+        sample_f,
+        ref_f,
+        floor_f,
+        draws=ev.bootstrap,
+        confidence=ev.confidence,
+        kid_subsets=ev.kid_subsets,
+        seed=params.seed,
+    )
+    ref_idx, floor_idx = held_out_halves(params, test_y)
+    metrics.update(
+        memorisation(
+            _flat(images),
+            _flat(train_x),
+            _flat(test_x[ref_idx]),
+            _flat(test_x[floor_idx]),
+            quantile=ev.near_copy_quantile,
+        )
+    )
     metrics.update(_bits_per_dim(params, method, device))
     labels = samples.get("labels")
     if labels is not None:
         metrics["class_accuracy"] = classification_accuracy(
-            classifier, images, labels, batch, device
+            classifier, images, labels, ev.batch_size, device
         )
     record = {
         "status": "ok",
         "extractor": name,
+        "verdict": verdict(
+            metrics["fid"], metrics["fid_floor_ci_low"], metrics["fid_floor_ci_high"]
+        ),
         **metrics,
+        "confidence": ev.confidence,
         "nfe": sample_record.get("nfe"),
         "n_images": n,
-        "n_reference": int(train_f.shape[0]),
+        "n_reference": int(ref_f.shape[0]),
+        "n_floor": int(floor_f.shape[0]),
     }
     write_json(paths.eval_metrics(method), record)
     write_provenance(f"evaluate@{method}", params, method=method)
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    print(f"{method}: {shown}")
+    print(
+        f"{method}: FID {metrics['fid']:.4g} [{metrics['fid_ci_low']:.4g}, "
+        f"{metrics['fid_ci_high']:.4g}]; at m = {metrics['fid_matched_n']:.0f} "
+        f"{metrics['fid_matched']:.4g} vs floor {metrics['fid_floor']:.4g} "
+        f"[{metrics['fid_floor_ci_low']:.4g}, {metrics['fid_floor_ci_high']:.4g}]: "
+        f"{record['verdict']}; KID x1000 {metrics['kid_x1000']:.3g} +- "
+        f"{metrics['kid_x1000_std']:.2g}; P/R {metrics['precision']:.2f}/{metrics['recall']:.2f}"
+    )
     return record

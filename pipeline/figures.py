@@ -1,8 +1,9 @@
 """The report's figures, drawn with matplotlib's Agg canvas (no display, no pyplot state).
 
 * :func:`fid_vs_nfe_png`: FID against the number of denoiser evaluations per image (log x),
-  one labelled point per method, the FID floor dashed: the cost/quality trade-off of the
-  samplers (DDPM, Ho et al. 2020; DDIM, Song et al. 2021; Score-SDE, Song et al. 2021).
+  one labelled point per method with its interval as an error bar, the FID floor dashed and its
+  interval shaded: the cost/quality trade-off of the samplers (DDPM, Ho et al. 2020; DDIM,
+  Song et al. 2021; Score-SDE, Song et al. 2021).
 * :func:`guidance_tradeoff_png`: FID against class accuracy as the classifier-free guidance
   weight ``w`` grows (Ho & Salimans 2022, eq. 6: ``eps~ = (1 + w) eps(x, c) - w eps(x)``), one
   line per sampler setting, points labelled by ``w``, the FID floor dashed.
@@ -42,11 +43,33 @@ def _empty(ax: Any, note: str) -> None:
     ax.set_yticks([])
 
 
-def _floor(ax: Any, floor: float | None, n_images: int | None) -> None:
+Floor = float | tuple[float, float, float] | None  # value, or (value, low, high)
+
+
+def _floor(ax: Any, floor: Floor, n_images: int | None) -> None:
     if floor is None:
         return
-    what = f"FID floor ({n_images} test images)" if n_images else "FID floor"
-    ax.axhline(floor, color="0.4", linestyle="--", linewidth=1, label=what)
+    value, band = (floor, None) if isinstance(floor, int | float) else (floor[0], floor[1:])
+    what = f"FID floor ({n_images} real images)" if n_images else "FID floor"
+    ax.axhline(value, color="0.4", linestyle="--", linewidth=1, label=what)
+    if band is not None:
+        ax.axhspan(band[0], band[1], color="0.85", alpha=0.6, zorder=0)
+
+
+def _floor_top(floor: Floor) -> float:
+    if floor is None:
+        return 0.0
+    return float(floor) if isinstance(floor, int | float) else float(floor[2])
+
+
+def _errors(rows: Sequence[dict[str, Any]]) -> list[list[float]] | None:
+    """Asymmetric error bars ``[below, above]`` from ``fid_ci_low``/``fid_ci_high`` if present."""
+    if not all(r.get("fid_ci_low") is not None for r in rows):
+        return None
+    return [
+        [r["fid"] - r["fid_ci_low"] for r in rows],
+        [r["fid_ci_high"] - r["fid"] for r in rows],
+    ]
 
 
 def _legend(ax: Any) -> None:
@@ -55,12 +78,13 @@ def _legend(ax: Any) -> None:
 
 
 def fid_vs_nfe_png(
-    rows: Sequence[dict[str, Any]], floor: float | None, n_images: int | None = None
+    rows: Sequence[dict[str, Any]], floor: Floor, n_images: int | None = None
 ) -> bytes:
     """FID (y) against NFE per image (x, log scale), one point per row labelled by its method.
 
-    ``rows`` hold ``method``, ``nfe``, ``fid`` and optionally ``sampler`` (one colour each);
-    ``floor`` is drawn as a dashed line.
+    ``rows`` hold ``method``, ``nfe``, ``fid``, optionally ``fid_ci_low``/``fid_ci_high`` (error
+    bars) and ``sampler`` (one colour each); ``floor`` (a value, or ``(value, low, high)``) is a
+    dashed line with its interval shaded.
     """
     fig, ax = _figure()
     ax.set_title("FID against denoiser evaluations per image")
@@ -73,7 +97,15 @@ def fid_vs_nfe_png(
     samplers = list(dict.fromkeys(r.get("sampler", "") for r in points))
     for sampler in samplers:  # one colour per sampler
         mine = [r for r in points if r.get("sampler", "") == sampler]
-        ax.scatter([r["nfe"] for r in mine], [r["fid"] for r in mine], label=sampler, zorder=3)
+        ax.errorbar(
+            [r["nfe"] for r in mine],
+            [r["fid"] for r in mine],
+            yerr=_errors(mine),
+            fmt="o",
+            capsize=3,
+            label=sampler,
+            zorder=3,
+        )
     for r in points:
         ax.annotate(
             r["method"], (r["nfe"], r["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=8
@@ -84,7 +116,7 @@ def fid_vs_nfe_png(
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("NFE per image (log scale)")
     ax.set_ylabel("FID")
-    top = max([float(r["fid"]) for r in points] + [floor or 0.0])
+    top = max([float(r.get("fid_ci_high") or r["fid"]) for r in points] + [_floor_top(floor)])
     ax.set_ylim(0, 1.25 * top if top > 0 else 1.0)  # head room above the floor and the points
     ax.margins(x=0.1)
     if ax.get_legend_handles_labels()[0]:
@@ -96,7 +128,7 @@ def fid_vs_nfe_png(
 
 def guidance_tradeoff_png(
     families: dict[str, Sequence[dict[str, Any]]],
-    floor: float | None,
+    floor: Floor,
     n_images: int | None = None,
 ) -> bytes:
     """FID (y) against class accuracy (x), one line per family ordered by ``guidance``.
@@ -113,7 +145,7 @@ def guidance_tradeoff_png(
         ordered = sorted(rows, key=lambda r: r["guidance"])
         xs = [r["class_accuracy"] for r in ordered]
         ys = [r["fid"] for r in ordered]
-        ax.plot(xs, ys, marker="o", label=label, zorder=3)
+        ax.errorbar(xs, ys, yerr=_errors(ordered), marker="o", capsize=3, label=label, zorder=3)
         for r, x, y in zip(ordered, xs, ys, strict=True):
             ax.annotate(
                 f"w={r['guidance']:g}",

@@ -3,13 +3,19 @@
 Writes ``metrics/summary.json``, the markdown table ``reports/summary.md``, and for ``dvc plots``
 and MLflow:
 
-* ``reports/fid_vs_nfe.csv`` (``method,sampler,nfe,fid,fid_floor,extractor``) and
-  ``reports/fid_vs_nfe.png``: sample quality against cost.
+* ``reports/fid_vs_nfe.csv`` (``FID_VS_NFE_HEADER``: FID and floor with their intervals, the
+  verdict) and ``reports/fid_vs_nfe.png`` (error bars, the floor's interval shaded): sample
+  quality against cost.
 * ``reports/guidance_tradeoff.csv`` (``method,sampler,steps,guidance,fid,class_accuracy``, sorted
   by guidance) and ``reports/guidance_tradeoff.png``: classifier-free guidance (Ho & Salimans
   2022) trades diversity (FID) for class fidelity (class accuracy) as ``w`` grows. The rows are
   the *guidance families*: every method with ``guidance > 0`` and each conditional method that
   differs from it only in ``guidance`` (``w = 0`` included), scored with class accuracy.
+
+The table shows each method's FID with its interval, the floor at the same n with its interval,
+KID x1000 +- std, precision/recall, density/coverage, the near-copy fraction and the verdict, and
+states which methods are not resolved apart (overlapping FID intervals,
+``diffusion_core.evaluation.indistinguishable_from``).
 
 The track stage attaches the CSVs and PNGs to the MLflow run and logs ``guidance_fid`` and
 ``guidance_class_accuracy`` at ``step = round(100 w)`` so the UI charts the trade-off curve.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffusion_core.evaluation import indistinguishable_from
 from pipeline import paths
 from pipeline.config import Params
 from pipeline.errors import StageError
@@ -29,17 +36,47 @@ from pipeline.files import read_json, write_bytes, write_json, write_provenance,
 FAMILY_FREE_KEYS = ("guidance",)
 GUIDANCE_COLUMNS = ("method", "sampler", "steps", "guidance", "fid", "class_accuracy")
 
+FID_VS_NFE_HEADER = (
+    "method,sampler,nfe,fid,fid_ci_low,fid_ci_high,fid_matched,fid_matched_n,fid_floor,"
+    "fid_floor_ci_low,fid_floor_ci_high,verdict,extractor"
+)
+# Numbers copied from the evaluate record into the summary row.
+SCORES = (
+    "fid",
+    "fid_ci_low",
+    "fid_ci_high",
+    "fid_matched",
+    "fid_matched_n",
+    "fid_floor",
+    "fid_floor_ci_low",
+    "fid_floor_ci_high",
+    "kid_x1000",
+    "kid_x1000_std",
+    "kid_floor_x1000",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+    "near_copy_fraction",
+    "near_copy_fraction_heldout",
+    "class_accuracy",
+    "n_images",
+)
 COLUMNS = (
     ("method", "method"),
     ("sampler", "sampler"),
     ("steps", "steps"),
     ("guidance", "guidance"),
     ("nfe", "NFE"),
-    ("fid", "FID"),
-    ("fid_floor", "FID floor"),
-    ("kid", "KID"),
+    ("fid", "FID [CI]"),
+    ("fid_matched", "FID at m"),
+    ("fid_floor", "floor at m [CI]"),
+    ("kid_x1000", "KID x1000"),
+    ("precision", "P / R"),
+    ("density", "D / C"),
+    ("near_copy_fraction", "near copies"),
     ("class_accuracy", "class acc."),
-    ("status", "status"),
+    ("verdict", "verdict"),
 )
 
 
@@ -67,10 +104,9 @@ def method_row(params: Params, name: str) -> dict[str, Any]:
         "reason": scored.get("reason") or sampled.get("reason"),
         "extractor": ext,
         "nfe": sampled.get("nfe"),
-        "fid": scored.get(f"fid_{ext}"),
-        "fid_floor": scored.get(f"fid_floor_{ext}"),
-        "kid": scored.get(f"kid_{ext}"),
-        "class_accuracy": scored.get("class_accuracy"),
+        **{k: scored.get(k) for k in SCORES},
+        "verdict": scored.get("verdict") if status == "ok" else "skipped",
+        "confidence": scored.get("confidence"),
     }
 
 
@@ -136,37 +172,84 @@ def _family_label(params: Params, first: str) -> str:
     return ", ".join(parts)
 
 
-def fid_floor(rows: list[dict[str, Any]]) -> float | None:
-    """The FID floor of the evaluated methods (one value: every method uses the same n)."""
-    floors = [r["fid_floor"] for r in rows if r["status"] == "ok" and r["fid_floor"] is not None]
-    return floors[0] if floors else None
+def fid_floor(rows: list[dict[str, Any]]) -> tuple[float, float, float] | None:
+    """The FID floor ``(value, low, high)`` at the methods' n (every method has the same n, so
+    the same floor); None when the floor was taken at fewer images (``m < n``), where drawing it
+    next to FIDs at n would mislead."""
+    for r in rows:
+        if r["status"] == "ok" and r.get("fid_floor") is not None:
+            if r.get("fid_matched_n") != r.get("n_images"):
+                return None
+            return r["fid_floor"], r["fid_floor_ci_low"], r["fid_floor_ci_high"]
+    return None
 
 
-def _cell(value: Any) -> str:
-    if value is None:
+def _num(value: Any, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def _interval(r: dict[str, Any], key: str) -> str:
+    if r.get(key) is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return f"{_num(r[key])} [{_num(r[f'{key}_ci_low'], 3)}, {_num(r[f'{key}_ci_high'], 3)}]"
+
+
+def _cell(r: dict[str, Any], key: str) -> str:
+    if key == "guidance" and r.get("unconditional"):
+        return "null label"
+    if key in ("fid", "fid_floor"):
+        return _interval(r, key)
+    if key == "fid_matched":
+        if r.get(key) is None:
+            return "-"
+        return f"{_num(r[key])} (m = {r['fid_matched_n']:.0f})"
+    if key == "kid_x1000":
+        return "-" if r.get(key) is None else f"{r[key]:.3g} +- {r['kid_x1000_std']:.2g}"
+    if key == "precision":
+        return "-" if r.get(key) is None else f"{r['precision']:.2f} / {r['recall']:.2f}"
+    if key == "density":
+        return "-" if r.get(key) is None else f"{r['density']:.2f} / {r['coverage']:.2f}"
+    if key == "near_copy_fraction":
+        return "-" if r.get(key) is None else f"{r[key]:.3f}"
+    value = r.get(key)
+    return _num(value) if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+def indistinguishable_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per evaluated method naming the methods its FID interval overlaps."""
+    ok = [r for r in rows if r["status"] == "ok" and r.get("fid_ci_low") is not None]
+    ties = indistinguishable_from({r["method"]: (r["fid_ci_low"], r["fid_ci_high"]) for r in ok})
+    lines = []
+    for name, others in ties.items():
+        tied = ", ".join(f"`{o}`" for o in others) if others else "none: resolved from all others"
+        lines.append(f"- `{name}`: not resolved from {tied}")
+    return lines
 
 
 def markdown(rows: list[dict[str, Any]], extractor: str) -> str:
-    """A markdown table of ``rows`` with a note on the metric definitions."""
+    """A markdown table of ``rows`` with the ties between methods and the metric definitions."""
     head = "| " + " | ".join(title for _, title in COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = [
-        "| "
-        + " | ".join(
-            "null label" if k == "guidance" and r.get("unconditional") else _cell(r.get(k))
-            for k, _ in COLUMNS
-        )
-        + " |"
-        for r in rows
-    ]
+    body = ["| " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
+    ok = [r for r in rows if r["status"] == "ok"]
+    level = f"{100 * ok[0]['confidence']:.0f} %" if ok and ok[0].get("confidence") else "95 %"
+    n = ok[0].get("n_images") if ok else None
+    ties = indistinguishable_lines(rows)
     notes = [
         "",
-        f"FID and KID use the `{extractor}` feature extractor against the training split; the",
-        "floor is the FID of as many held-out test images, the best a model can reach at this n.",
+        f"Statistically indistinguishable methods at n = {n} (overlapping {level} FID "
+        "intervals; overlap does not prove equality):"
+        if ties
+        else "",
+        *ties,
+        "",
+        f"FID, KID, P/R and D/C use the `{extractor}` feature extractor against the reference",
+        "half R of the held-out images (seen by neither the model nor the extractor); FID [CI] at",
+        "n compares methods. The floor is what m = min(n, |F|) real images of the other half F",
+        "score against R; its interval is where such an FID lands. Verdict: the FID of m",
+        "samples (FID at m) inside the floor's interval = indistinguishable from real data at",
+        "this n. KID on standardised features;",
+        "near copies: share of samples closer to a training image than 5 % of held-out ones.",
     ]
     if any(r.get("unconditional") for r in rows):
         notes += [
@@ -179,12 +262,12 @@ def markdown(rows: list[dict[str, Any]], extractor: str) -> str:
 
 
 def fid_vs_nfe_csv(rows: list[dict[str, Any]]) -> str:
-    lines = ["method,sampler,nfe,fid,fid_floor,extractor"]
+    lines = [FID_VS_NFE_HEADER]
+    keys = ("nfe", "fid", "fid_ci_low", "fid_ci_high", "fid_matched", "fid_matched_n")
+    keys += ("fid_floor", "fid_floor_ci_low", "fid_floor_ci_high")
     for r in sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["nfe"]):
-        lines.append(
-            f"{r['method']},{r['sampler']},{r['nfe']:.6g},{r['fid']:.6g},"
-            f"{r['fid_floor']:.6g},{r['extractor']}"
-        )
+        numbers = ",".join(f"{r[k]:.6g}" for k in keys)
+        lines.append(f"{r['method']},{r['sampler']},{numbers},{r['verdict']},{r['extractor']}")
     return "\n".join(lines) + "\n"
 
 

@@ -40,7 +40,13 @@ def test_default_params_validate() -> None:
     assert params.methods["ddpm"].settings() == {"variance": "posterior"}
     assert params.methods["dpmpp10"].settings() == {"lower_order_final": True}
     assert params.methods["unipc10"].settings() == {"order": 2, "lower_order_final": True}
-    assert params.sample.n_images <= params.test_size
+    assert params.evaluate.bootstrap >= 100 and params.evaluate.confidence == 0.95
+
+
+def test_n_images_is_not_capped_by_the_test_split() -> None:
+    """The floor is matched to n by extrapolation, so n may exceed the held-out images."""
+    params = validate_params(edited(_set("sample", "n_images", 5000)))
+    assert params.sample.n_images == 5000 > params.test_size
 
 
 def test_tiny_params_validate() -> None:
@@ -99,7 +105,8 @@ BAD: list[tuple[str, Edit, str]] = [
         _set("train", "nproc", 3),
         "train.batch_size: must be divisible by train.nproc=3",
     ),
-    ("too many images", _set("sample", "n_images", 5000), "sample.n_images: must not exceed"),
+    ("too few images", _set("sample", "n_images", 1), "sample.n_images: Input should be"),
+    ("confidence", _set("evaluate", "confidence", 1.0), "evaluate.confidence: Input should be"),
     (
         "beta order",
         _set("process", "beta_end", 1e-5),

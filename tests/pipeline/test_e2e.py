@@ -89,6 +89,7 @@ def test_dvc_repro_twice_and_the_mlflow_runs(tmp_path: Path) -> None:
     assert "Data and pipelines are up to date" in dvc(tmp_path, env, "status")
     shown = json.loads(dvc(tmp_path, env, "metrics", "show", "--json"))
     assert "provenance" not in json.dumps(shown)  # metrics files hold numbers, not provenance
+    assert '"fid_ci_high"' in json.dumps(shown) and '"verdict"' in json.dumps(shown)
 
     # one training run (the model, registered) and one pipeline run; the unchanged second
     # `dvc repro` logged nothing
@@ -102,7 +103,8 @@ def test_dvc_repro_twice_and_the_mlflow_runs(tmp_path: Path) -> None:
     assert pipeline.info.run_name == "repro"  # no commit yet in this repository
     assert pipeline.data.params["train.steps"] == "6"
     assert pipeline.data.params["methods.ddim5.sampler"] == "ddim"
-    assert {"nfe/ddim5", "class_accuracy/ddim5", "images_per_s/ddim5", "train/final_loss",
+    assert {"nfe/ddim5", "fid/ddim5", "fid_ci_low/ddim5", "fid_floor/ddim5",
+            "class_accuracy/ddim5", "images_per_s/ddim5", "train/final_loss",
             "train/loss"} <= set(pipeline.data.metrics)
     history = client.get_metric_history(pipeline.info.run_id, "train/loss")
     assert [m.step for m in history] == [2, 4, 6]

@@ -40,6 +40,13 @@ def test_the_data_and_the_floor_change_the_picture() -> None:
     assert not np.array_equal(tradeoff, pixels(guidance_tradeoff_png(FAMILY, None)))
 
 
+def test_error_bars_and_the_floor_interval_are_drawn() -> None:
+    with_bars = [{**r, "fid_ci_low": r["fid"] - 2, "fid_ci_high": r["fid"] + 2} for r in ROWS]
+    plain = pixels(fid_vs_nfe_png(ROWS, (2.0, 2.0, 2.0)))
+    assert not np.array_equal(plain, pixels(fid_vs_nfe_png(with_bars, (2.0, 2.0, 2.0))))
+    assert not np.array_equal(plain, pixels(fid_vs_nfe_png(ROWS, (2.0, 1.0, 3.0))))
+
+
 def test_nothing_to_plot_still_gives_a_figure() -> None:
     empty = pixels(guidance_tradeoff_png({}, None))
     assert empty.shape == pixels(guidance_tradeoff_png(FAMILY, 2.0)).shape

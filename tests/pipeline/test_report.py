@@ -45,9 +45,24 @@ def write_records(methods: dict[str, tuple[dict[str, Any], float, float | None]]
         scored = {
             "status": "ok",
             "extractor": "classifier",
-            "fid_classifier": fid,
-            "fid_floor_classifier": FLOOR,
-            "kid_classifier": fid / 100,
+            "verdict": "worse than floor",
+            "fid": fid,
+            "fid_ci_low": fid - 1.5,
+            "fid_ci_high": fid + 1.5,
+            "fid_matched": fid,
+            "fid_matched_n": 400,
+            "fid_floor": FLOOR,
+            "fid_floor_ci_low": FLOOR - 1.0,
+            "fid_floor_ci_high": FLOOR + 1.0,
+            "kid_x1000": fid * 10,
+            "kid_x1000_std": 1.0,
+            "precision": 0.9,
+            "recall": 0.5,
+            "density": 1.1,
+            "coverage": 0.8,
+            "near_copy_fraction": 0.02,
+            "confidence": 0.95,
+            "n_images": 400,
         }
         if accuracy is not None:
             scored["class_accuracy"] = accuracy
@@ -102,6 +117,21 @@ def test_report_writes_the_tradeoff_csv_and_figures(workdir: Path) -> None:
     for png in (paths.FID_VS_NFE_PNG, paths.GUIDANCE_TRADEOFF_PNG):
         width, height = png_size(workdir / png)
         assert width > 300 and height > 200
+
+
+def test_table_shows_intervals_verdicts_and_ties(workdir: Path) -> None:
+    """Every FID +- 1.5: intervals that touch (7 and 10) count as overlapping; 30 stands alone."""
+    write_records(METHODS)
+    report.run(params_of(METHODS))
+    table = (workdir / paths.SUMMARY_MD).read_text()
+    assert "| 10 [8.5, 11.5] | 10 (m = 400) | 2 [1, 3] | 100 +- 1 | 0.90 / 0.50 |" in table
+    assert "worse than floor" in table and "n = 400 (overlapping 95 % FID intervals" in table
+    assert "- `b4`: not resolved from none: resolved from all others\n" in table
+    assert "- `a`: not resolved from `b1`, `eta`, `ddpm`, `u`, `e`\n" in table
+    assert "- `e`: not resolved from `a`, `ddpm`, `u`\n" in table
+    csv = (workdir / paths.FID_VS_NFE).read_text().splitlines()
+    assert csv[0].startswith("method,sampler,nfe,fid,fid_ci_low,fid_ci_high,fid_matched,")
+    assert csv[1] == "a,ddim,5,10,8.5,11.5,10,400,2,1,3,worse than floor,classifier"
 
 
 def test_report_without_guidance_methods_writes_empty_tradeoff(workdir: Path) -> None:

@@ -72,6 +72,8 @@ def test_classifier_writes_model_metrics_and_reference_features(workspace: Path)
     ref = load_checkpoint(workspace / paths.REFERENCE_FEATURES)
     assert ref["train"].shape == (record["n_train"], 16)
     assert ref["test"].shape == (record["n_test"], 16)
+    halves = torch.cat([ref["reference_index"], ref["floor_index"]]).sort().values
+    assert torch.equal(halves, torch.arange(record["n_test"]))  # disjoint, every test image
 
 
 def test_train_writes_model_loss_curve_metrics_and_run_link(workspace: Path) -> None:
@@ -163,7 +165,7 @@ def test_unconditional_method_samples_the_null_label(workspace: Path) -> None:
         )
     assert torch.equal(to_uint8(explicit.x.cpu()), uncond["images"])
     assert scored["status"] == "ok" and "class_accuracy" not in scored
-    assert scored["fid_classifier"] > 0
+    assert scored["fid"] > 0 and scored["extractor"] == "classifier"
 
 
 def test_incompatible_sampler_is_recorded_as_skipped(workspace: Path) -> None:
@@ -183,16 +185,26 @@ def test_evaluate_and_report(workspace: Path) -> None:
         sample.run(params, "ddim5")
         record = evaluate.run(params, "ddim5")
         summary = report.run(params)
-    assert record["fid_classifier"] > record["fid_floor_classifier"] > 0
-    assert 0.0 <= record["class_accuracy"] <= 1.0
-    assert {"kid_classifier", "kid_floor_classifier"} <= set(record)
+    # every score sits inside its interval; a 6-step model is far from the data
+    assert record["fid_ci_low"] <= record["fid"] <= record["fid_ci_high"]
+    assert 0 <= record["fid_floor_ci_low"] <= record["fid_floor"] <= record["fid_floor_ci_high"]
+    assert record["fid_matched"] == record["fid"]  # n = 20 <= |F|: one size for both
+    assert record["fid"] > record["fid_floor_ci_high"] and record["verdict"] == "worse than floor"
+    assert record["kid_x1000"] > record["kid_floor_x1000"] and record["kid_x1000_std"] > 0
+    assert record["kid_subset_size"] < record["n_images"]
+    for key in ("precision", "recall", "coverage", "near_copy_fraction", "class_accuracy"):
+        assert 0.0 <= record[key] <= 1.0
+    assert record["recall_floor"] > record["recall"]  # real images cover the reference better
+    n_test = read(workspace / paths.DATA_INFO)["n_test"]
+    assert record["n_reference"] + record["n_floor"] == n_test
     assert read(workspace / paths.eval_metrics("ddim5")) == json.loads(json.dumps(record))
     row = summary["methods"]["ddim5"]
-    assert row["nfe"] == 5 and row["fid"] == record["fid_classifier"]
+    assert row["nfe"] == 5 and row["fid"] == record["fid"]
+    assert row["verdict"] == record["verdict"]
     table = (workspace / paths.SUMMARY_MD).read_text()
-    assert "| ddim5 | ddim | 5 |" in table
+    assert "| ddim5 | ddim | 5 |" in table and "worse than floor" in table
     csv = (workspace / paths.FID_VS_NFE).read_text().splitlines()
-    assert csv[0] == "method,sampler,nfe,fid,fid_floor,extractor"
+    assert csv[0] == report.FID_VS_NFE_HEADER
     assert csv[1].startswith("ddim5,ddim,5,")
     # no guided method: the trade-off has a header and an empty figure
     tradeoff = (workspace / paths.GUIDANCE_TRADEOFF).read_text()
@@ -232,6 +244,28 @@ def test_bits_per_dim_for_ode_methods(workspace: Path) -> None:
         record = evaluate.run(params, "rk")
     assert 0.0 < record["bpd"] < 50.0 and record["bpd_std"] >= 0.0
     assert record["bpd_nfe"] > 0
+
+
+def test_more_images_than_held_out_ones(workspace: Path) -> None:
+    """n above the 450 test images: the floor is extrapolated and narrows with n."""
+    raw = tiny_raw()
+    raw["methods"] = {"many": {"sampler": "ddim", "steps": 2}}
+    raw["evaluate"]["batch_size"] = 128  # features in several batches
+    records = {}
+    for n in (20, 600):
+        raw["sample"].update(n_images=n, batch_size=300)
+        params = validate_params(raw)
+        with contextlib.chdir(workspace):
+            sample.run(params, "many")
+            records[n] = evaluate.run(params, "many")
+    small, large = records[20], records[600]
+    assert large["n_images"] == 600 > read(workspace / paths.DATA_INFO)["n_test"]
+    # the verdict is taken at the floor's size: all of F, the first |F| samples
+    assert large["fid_matched_n"] == large["n_floor"] and small["fid_matched_n"] == 20
+    assert small["fid_matched"] == small["fid"] and large["fid_matched"] != large["fid"]
+    assert large["fid_floor"] < small["fid_floor"]  # the bias b/n shrinks
+    width = {n: r["fid_floor_ci_high"] - r["fid_floor_ci_low"] for n, r in records.items()}
+    assert width[600] < width[20]
 
 
 @pytest.mark.skipif(inception_weights_path().is_file(), reason="Inception weights are present")

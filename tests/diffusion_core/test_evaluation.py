@@ -1,0 +1,202 @@
+"""The evaluation statistics on Gaussian data where the truth is known: FID intervals and their
+coverage, the floor at matched n, KID on standardised features, P/R, D/C, memorisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffusion_core.evaluation import (
+    VERDICT_BELOW,
+    VERDICT_REAL,
+    VERDICT_WORSE,
+    ReferenceStatistics,
+    fid_interval,
+    floor_fid,
+    indistinguishable_from,
+    kid,
+    kid_subset_size,
+    near_copy_fraction,
+    nearest_distances,
+    overlaps,
+    prdc,
+    reference_split,
+    standardise,
+    verdict,
+)
+from diffusion_core.metrics import fid_from_features
+
+D = 4
+
+
+def normal(
+    rng: np.random.Generator, n: int, scale: float = 1.0, shift: float = 0.0, dim: int = D
+) -> np.ndarray:
+    return rng.normal(size=(n, dim)) * scale + shift
+
+
+def expected_fid(ref: ReferenceStatistics, n: int, scale: float, shift: float) -> float:
+    """``E[FID_n]`` against the fixed reference, by Monte Carlo over 2000 fresh draws."""
+    rng = np.random.default_rng(12345)
+    pool = normal(rng, 2000 * n, scale, shift, ref.dim)
+    return float(ref.fid_of_draws(pool, np.arange(2000 * n).reshape(2000, n)).mean())
+
+
+def test_fast_fid_equals_clean_fid() -> None:
+    rng = np.random.default_rng(0)
+    mix = np.array([[1.0, 0.4, 0, 0], [0, 1, 0.2, 0], [0, 0, 1, 0], [0.3, 0, 0, 1]])
+    a, b = normal(rng, 300) @ mix, normal(rng, 200, 0.7, 0.5)
+    ref = ReferenceStatistics(a)
+    assert ref.fid(b) == pytest.approx(fid_from_features(b, a), rel=1e-8)
+    index = rng.integers(0, 200, size=(3, 150))
+    batch = ref.fid_of_draws(b, index)
+    assert batch == pytest.approx([fid_from_features(b[i], a) for i in index], rel=1e-8)
+    counts = np.stack([np.bincount(i, minlength=200) for i in index]).astype(float)
+    assert ref.fid_of_weights(b, counts) == pytest.approx(batch, rel=1e-8)
+
+
+def test_closed_form_fid_between_gaussians_at_large_n() -> None:
+    """``|mu1 - mu2|^2 + D (s1 - s2)^2`` for isotropic Gaussians."""
+    rng = np.random.default_rng(1)
+    ref = ReferenceStatistics(normal(rng, 50_000))
+    fid = fid_interval(normal(rng, 50_000, 2.0, 0.5), ref, draws=20).value
+    assert fid == pytest.approx(D * 0.5**2 + D * (2.0 - 1.0) ** 2, abs=0.05)
+
+
+def test_fid_interval_covers_the_expected_fid_at_n() -> None:
+    """100 generated sets of n = 400 in 16-D: the 95 % interval holds E[FID_n] >= 87 times."""
+    rng = np.random.default_rng(2)
+    ref = ReferenceStatistics(normal(rng, 300, dim=16))
+    n, scale, shift = 400, 1.05, 0.05
+    truth = expected_fid(ref, n, scale, shift)
+    hits, percentile_hits = 0, 0
+    for rep in range(100):
+        g = normal(rng, n, scale, shift, dim=16)
+        est = fid_interval(g, ref, draws=200, seed=rep)
+        assert est.low <= est.value <= est.high
+        hits += est.low <= truth <= est.high
+        boot = ref.fid_of_draws(g, np.random.default_rng(rep).integers(0, n, size=(200, n)))
+        lo, hi = np.quantile(boot, [0.025, 0.975])
+        percentile_hits += lo <= truth <= hi
+    assert 87 <= hits <= 100
+    # the plain percentile interval sits too high (duplicates inflate FID): it misses the truth
+    assert percentile_hits < 20
+
+
+def test_floor_extrapolates_to_n_beyond_the_real_set() -> None:
+    """|F| = 200 real images predict where the FID of n = 600 fresh real images lands."""
+    rng = np.random.default_rng(3)
+    ref = ReferenceStatistics(normal(rng, 300))
+    n = 600
+    pool = normal(rng, 40 * n)
+    fresh = ref.fid_of_draws(pool, np.arange(40 * n).reshape(40, n))
+    at_f = ref.fid_of_draws(pool, np.arange(40 * 200).reshape(40, 200))
+    truth = expected_fid(ref, n, 1.0, 0.0)
+    values, inside = [], 0
+    for rep in range(40):
+        est = floor_fid(normal(rng, 200), ref, n, seed=rep)
+        assert 0 <= est.low <= est.value <= est.high and est.slope > 0
+        values.append(est.value)
+        inside += est.low <= fresh[rep] <= est.high
+    assert inside >= 34
+    assert abs(np.mean(values) - truth) < 0.25 * np.std(values) + 0.005
+    # the raw |F|-image FID would overstate the floor at n: the bias line matters
+    assert at_f.mean() > truth + 2 * np.std(values) / np.sqrt(40)
+
+
+def test_kid_is_unbiased_scale_free_and_uses_proper_subsets() -> None:
+    rng = np.random.default_rng(4)
+    ref = normal(rng, 400)
+    same = [
+        kid(standardise(normal(rng, 400), ref), standardise(ref, ref), seed=i) for i in range(8)
+    ]
+    means = np.array([m for m, _ in same])
+    assert abs(means.mean()) < 3 * means.std(ddof=1) / np.sqrt(8) + 1e-4
+    assert all(s > 0 for _, s in same)
+    far = normal(rng, 400, 1.0, 0.5)
+    shifted, std = kid(standardise(far, ref), standardise(ref, ref))
+    assert shifted > 5 * std > 0
+    scaled = kid(standardise(far * 1000, ref * 1000), standardise(ref * 1000, ref * 1000))
+    assert scaled[0] == pytest.approx(shifted, rel=1e-6)
+    assert kid_subset_size(400, 225) == 112 and kid_subset_size(10_000, 10_000) == 1000
+    with pytest.raises(ValueError, match="subset_size"):
+        kid(ref, ref, subset_size=401)
+
+
+def test_prdc_on_a_hand_computed_example() -> None:
+    """1-D points: real 0, 1, 2, 3 (k = 1 radius 1 each); fakes 0.5 (inside) and 10 (outside)."""
+    real = np.array([[0.0], [1.0], [2.0], [3.0]])
+    fake = np.array([[0.5], [10.0], [11.0]])
+    out = prdc(real, fake, k_pr=1, k_dc=1)
+    assert out["precision"] == pytest.approx(1 / 3)
+    # fake radii (k = 1): 0.5 -> 9.5, 10 -> 1, 11 -> 1; reals within 9.5 of 0.5: all four
+    assert out["recall"] == 1.0
+    assert out["density"] == pytest.approx(2 / 3)  # 0.5 is in the balls of 0 and 1
+    assert out["coverage"] == pytest.approx(2 / 4)
+
+
+def test_prdc_separates_fidelity_from_diversity() -> None:
+    rng = np.random.default_rng(5)
+    real = normal(rng, 500)
+    same = prdc(real, normal(rng, 500))
+    collapsed = prdc(real, normal(rng, 500, 0.3))  # guidance-like: typical but not diverse
+    spread = prdc(real, normal(rng, 500, 2.5))  # diverse but often off the data
+    assert same["precision"] > 0.7 and same["recall"] > 0.7 and same["coverage"] > 0.9
+    assert 0.8 < same["density"] < 1.2
+    assert collapsed["precision"] > same["precision"] and collapsed["recall"] < 0.5
+    assert collapsed["coverage"] < same["coverage"]
+    assert spread["precision"] < 0.5 and spread["density"] < 0.5
+
+
+def test_memorised_samples_are_near_copies() -> None:
+    rng = np.random.default_rng(6)
+    train = rng.normal(size=(300, 16))
+    held_ref, held_floor = rng.normal(size=(100, 16)), rng.normal(size=(100, 16))
+    ref_d = nearest_distances(held_ref, train)
+    np.testing.assert_allclose(
+        nearest_distances(train[:5] + 1e-3, train), 1e-3 * np.sqrt(16), rtol=1e-6
+    )
+    fresh, threshold = near_copy_fraction(nearest_distances(held_floor, train), ref_d)
+    copies = train[:50] + 0.01 * rng.normal(size=(50, 16))
+    copied, _ = near_copy_fraction(nearest_distances(copies, train), ref_d)
+    assert fresh < 0.2 and copied == 1.0 and threshold > 0
+
+
+def test_reference_split_is_stratified_disjoint_and_seeded() -> None:
+    labels = np.repeat(np.arange(10), [45, 46, 44, 46, 45, 46, 45, 45, 43, 45])
+    ref, floor = reference_split(labels, seed=0)
+    assert np.intersect1d(ref, floor).size == 0 and ref.size + floor.size == labels.size
+    counts_r, counts_f = np.bincount(labels[ref]), np.bincount(labels[floor])
+    assert np.all(np.abs(counts_r - counts_f) <= 1)
+    again = reference_split(labels, seed=0)
+    assert np.array_equal(again[0], ref) and not np.array_equal(reference_split(labels, 1)[0], ref)
+
+
+def test_verdicts_and_overlaps() -> None:
+    assert verdict(5.0, 4.0, 6.0) == VERDICT_REAL
+    assert verdict(7.0, 4.0, 6.0) == VERDICT_WORSE
+    assert verdict(3.0, 4.0, 6.0) == VERDICT_BELOW
+    assert overlaps((1, 3), (2, 4)) and not overlaps((1, 2), (2.5, 4))
+    groups = indistinguishable_from({"a": (1, 3), "b": (2, 4), "c": (5, 6)})
+    assert groups == {"a": ["b"], "b": ["a"], "c": []}
+
+
+def test_score_features_compares_with_real_data_at_the_floors_size() -> None:
+    """n = 600 samples, |F| = 200: the verdict's FID and the floor are both at m = 200."""
+    from diffusion_core.evaluation import score_features
+
+    rng = np.random.default_rng(7)
+    ref, floor = normal(rng, 300, dim=8), normal(rng, 200, dim=8)
+    real_like = score_features(normal(rng, 600, dim=8), ref, floor, draws=50, kid_subsets=10)
+    shifted = score_features(
+        normal(rng, 600, 1.0, 0.5, dim=8), ref, floor, draws=50, kid_subsets=10
+    )
+    for out in (real_like, shifted):
+        assert out["fid_matched_n"] == 200 and out["prdc_n"] == 200
+        assert out["kid_subset_size"] == 100
+        assert out["fid_ci_low"] <= out["fid"] <= out["fid_ci_high"]
+    assert (
+        real_like["fid_floor_ci_low"] <= real_like["fid_matched"] <= real_like["fid_floor_ci_high"]
+    )
+    assert shifted["fid_matched"] > shifted["fid_floor_ci_high"]
+    assert shifted["kid_x1000"] > shifted["kid_floor_x1000"] + 3 * shifted["kid_x1000_std"]

@@ -1,0 +1,122 @@
+"""Validation of the evaluation protocol on real digits: the trained extractor and the metrics rank
+known degradations of held-out images in the right order, and fresh held-out images land inside
+the floor's interval.
+
+Set-up (as the pipeline): a stratified half of the digits trains the classifier; the other half
+is held out and split into a reference half R and a floor half F (``reference_split``). Degraded
+copies of F are scored against R at equal n.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusion_core.data import load_dataset, train_test_split
+from diffusion_core.evaluation import (
+    VERDICT_REAL,
+    VERDICT_WORSE,
+    ReferenceStatistics,
+    fid_interval,
+    floor_fid,
+    prdc,
+    reference_split,
+    standardise,
+    verdict,
+)
+from diffusion_core.metrics import CleanFIDFeatureExtractor, extract_features, train_classifier
+
+
+class Setup:
+    def __init__(self) -> None:
+        images, labels = load_dataset("digits")
+        train_x, train_y, held_x, held_y = train_test_split(images, labels, 0.5, seed=0)
+        clf = train_classifier(
+            train_x, train_y, epochs=12, batch_size=64, lr=2e-3, seed=0, device="cpu"
+        )
+        self.extractor = CleanFIDFeatureExtractor(clf)
+        r_idx, f_idx = reference_split(held_y.numpy(), seed=0)
+        self.ref_x, self.floor_x = held_x[r_idx], held_x[f_idx]
+        self.floor_y = held_y[f_idx]
+        self.ref_f = self.features(self.ref_x)
+        self.ref = ReferenceStatistics(self.ref_f)
+
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        return extract_features(self.extractor, images, batch_size=512, device="cpu")
+
+    def fid(self, images: torch.Tensor) -> float:
+        return self.ref.fid(self.features(images))
+
+
+@pytest.fixture(scope="module")
+def setup() -> Setup:
+    return Setup()
+
+
+def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    x = torch.arange(-2, 3, dtype=torch.float32)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    k = (k[:, None] * k[None, :]) / k.sum() ** 2
+    padded = F.pad(images, (2, 2, 2, 2), mode="replicate")
+    return F.conv2d(padded, k[None, None])
+
+
+def noisy(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    return (images + sigma * noise).clamp(-1, 1)
+
+
+def test_fid_grows_with_gaussian_noise_and_blur(setup: Setup) -> None:
+    clean = setup.fid(setup.floor_x)
+    by_noise = [setup.fid(noisy(setup.floor_x, s)) for s in (0.1, 0.25, 0.5)]
+    by_blur = [setup.fid(blur(setup.floor_x, s)) for s in (0.5, 0.8, 1.5)]
+    assert clean < by_noise[0] < by_noise[1] < by_noise[2]
+    assert clean < by_blur[0] < by_blur[1] < by_blur[2]
+    n = setup.floor_x.shape[0]
+    floor = floor_fid(setup.features(setup.floor_x), setup.ref, n, seed=0)
+    assert verdict(by_noise[-1], floor.low, floor.high) == VERDICT_WORSE
+    assert verdict(by_blur[-1], floor.low, floor.high) == VERDICT_WORSE
+
+
+def test_dropped_classes_and_duplicates_lose_diversity(setup: Setup) -> None:
+    """Equal n = 80 for every set: random real images, 7 or 4 classes only, 40 images twice."""
+    n, rng = 80, np.random.default_rng(0)
+    labels = setup.floor_y.numpy()
+
+    def draw(pool: np.ndarray) -> torch.Tensor:
+        return setup.floor_x[torch.from_numpy(rng.choice(pool, n, replace=False))]
+
+    everything = np.arange(labels.size)
+    sets = {
+        "real": draw(everything),
+        "drop3": draw(np.flatnonzero(labels < 7)),
+        "drop6": draw(np.flatnonzero(labels < 4)),
+        "duplicated": draw(everything)[: n // 2].repeat(2, 1, 1, 1),
+    }
+    fid = {k: setup.fid(v) for k, v in sets.items()}
+    real_std = standardise(setup.ref_f, setup.ref_f)
+    scores = {
+        k: prdc(real_std, standardise(setup.features(v), setup.ref_f)) for k, v in sets.items()
+    }
+    assert fid["real"] < fid["drop3"] < fid["drop6"]
+    assert fid["real"] < fid["duplicated"]
+    assert scores["real"]["recall"] > scores["drop3"]["recall"] > scores["drop6"]["recall"]
+    assert scores["real"]["coverage"] > scores["drop3"]["coverage"] > scores["drop6"]["coverage"]
+    assert scores["duplicated"]["coverage"] < scores["real"]["coverage"]
+    # dropping classes keeps fidelity: the kept digits are real
+    assert scores["drop6"]["precision"] > 0.6
+
+
+def test_fresh_held_out_images_land_inside_the_floor_interval(setup: Setup) -> None:
+    """F is split again: one half builds the floor, the other half is scored like a method."""
+    half_a, half_b = reference_split(setup.floor_y.numpy(), seed=1)
+    source, fresh = setup.floor_x[half_a], setup.floor_x[half_b]
+    n = fresh.shape[0]
+    floor = floor_fid(setup.features(source), setup.ref, n, seed=0)
+    fresh_fid = fid_interval(setup.features(fresh), setup.ref, seed=0)
+    assert verdict(fresh_fid.value, floor.low, floor.high) == VERDICT_REAL
+    assert fresh_fid.low <= floor.high and floor.low <= fresh_fid.high
+    worse = setup.fid(noisy(fresh, 0.5))
+    assert worse > floor.high
