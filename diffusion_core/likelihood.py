@@ -86,9 +86,11 @@ def bits_per_dim(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     dtype: torch.dtype = torch.float32,
+    prior_logp=None,
 ) -> tuple[Tensor, int]:
     """Negative log-likelihood in bits/dim of integer images ``levels`` in ``0..num_levels-1``,
-    with uniform dequantisation and the Hutchinson-Skilling estimator, per image."""
+    with uniform dequantisation and the Hutchinson-Skilling estimator, per image.
+    ``prior_logp`` is passed to :func:`ode_log_likelihood`."""
     if levels.dtype.is_floating_point:
         raise ValueError("bits_per_dim expects integer pixel levels (e.g. uint8), not floats")
     if int(levels.min()) < 0 or int(levels.max()) >= num_levels:
@@ -98,7 +100,7 @@ def bits_per_dim(
     u = rng.rand(levels.shape[1:], dtype=torch.float64).to(levels.device)
     y = (2.0 * (levels.double() + u) / num_levels - 1.0).to(dtype)
     logp, nfe = ode_log_likelihood(denoiser, process, y, labels=labels, rng=rng,
-                                   rtol=rtol, atol=atol)
+                                   rtol=rtol, atol=atol, prior_logp=prior_logp)
     d = y[0].numel()
     bpd = -(logp + d * math.log(2.0 / num_levels)) / (d * math.log(2.0))
     return bpd, nfe
