@@ -107,6 +107,9 @@ def test_sampler_law_on_gaussian_data(process, sampler, steps, settings, band, m
     err = std.mean().item() / STD - 1
     assert band[0] < err < band[1]
     assert (mean - mu).abs().max().item() < mean_tol
+    if sampler == "pc":  # the corrector is doing its part: the predictor alone is further off
+        alone = exact_law(sampler, d, process, grid, **{**settings, "corrector_steps": 0})[1]
+        assert err < 0.9 * (alone.mean().item() / STD - 1)
     assert SAMPLERS[sampler](d, process, torch.zeros(1, *SHAPE), grid,
                              rng=torch.Generator(), **settings).nfe == nfe
 
