@@ -105,9 +105,14 @@ def _options(
     debug: Annotated[
         bool, typer.Option("--debug", help=f"Show tracebacks (same as {guard.DEBUG_ENV}=1).")
     ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars or lines (DIFFUSION_QUIET=1).")
+    ] = False,
 ) -> None:
     if debug:
         os.environ[guard.DEBUG_ENV] = "1"
+    if quiet:
+        os.environ["DIFFUSION_QUIET"] = "1"
 
 
 @app.command()
