@@ -173,6 +173,15 @@ def report(params: ParamsOption = DEFAULT_PARAMS) -> None:
 
 
 @app.command()
+def pictures(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Pictures of the process in reports/process: the forward noising, each method's reverse
+    chain (GIF and strip, x_t beside the predicted x_0), the guidance sweep, labelled grids."""
+    from pipeline.pictures import run
+
+    _run(run, params)
+
+
+@app.command()
 def track(
     params: ParamsOption = DEFAULT_PARAMS,
     sync: Annotated[
