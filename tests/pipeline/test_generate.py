@@ -176,3 +176,28 @@ def test_progress_prints_a_line_every_n_without_a_tty(monkeypatch: pytest.Monkey
     with Progress(10, "train", stream=stream) as bar:
         bar.update(10)
     assert stream.getvalue() == ""
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_model_from_the_mlflow_registry(model: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.mlflow_model import log_pyfunc
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("gen", str(tmp_path / "artifacts")))
+    version = log_pyfunc(uri, run.info.run_id, model, "tiny-digits")
+    assert version is not None
+    args = ["-n", "3", "--steps", "3", "--classes", "2", "--no-png"]
+    code, text = generate("--model", f"models:/tiny-digits/{version}", *args,
+                          "--out", str(tmp_path / "a"))
+    assert code == 0, text
+    assert generate("--model", str(model), *args, "--out", str(tmp_path / "b"))[0] == 0
+    a, b = np.load(tmp_path / "a" / "images.npz"), np.load(tmp_path / "b" / "images.npz")
+    assert (a["images"] == b["images"]).all()
+    code, text = generate("--model", "models:/no-such-model/1", "--out", str(tmp_path / "c"))
+    assert code == 1 and text.startswith("error: --model models:/no-such-model/1: cannot load")
+    assert len(text.strip().splitlines()) == 1
