@@ -105,9 +105,14 @@ def _options(
     debug: Annotated[
         bool, typer.Option("--debug", help=f"Show tracebacks (same as {guard.DEBUG_ENV}=1).")
     ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars or lines (DIFFUSION_QUIET=1).")
+    ] = False,
 ) -> None:
     if debug:
         os.environ[guard.DEBUG_ENV] = "1"
+    if quiet:
+        os.environ["DIFFUSION_QUIET"] = "1"
 
 
 @app.command()
@@ -168,6 +173,15 @@ def report(params: ParamsOption = DEFAULT_PARAMS) -> None:
 
 
 @app.command()
+def pictures(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Pictures of the process in reports/process: the forward noising, each method's reverse
+    chain (GIF and strip, x_t beside the predicted x_0), the guidance sweep, labelled grids."""
+    from pipeline.pictures import run
+
+    _run(run, params)
+
+
+@app.command()
 def track(
     params: ParamsOption = DEFAULT_PARAMS,
     sync: Annotated[
@@ -216,6 +230,67 @@ def decode(
     from pipeline.codec import decode as run
 
     _run(run, params, latents=latents, out=out)
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option(
+        "--model", help="A checkpoint (.pt) or an MLflow model URI (models:/NAME/VERSION).")
+    ] = "runs/train/model.pt",
+    out: Annotated[Path, typer.Option("--out", "-o", help="The folder to write.")] = Path(
+        "runs/generated"
+    ),
+    sampler: Annotated[str, typer.Option(help="ddpm, ddim, sde, pc, ode_heun, ode_rk45, "
+                                         "dpmpp_2m, ... (diffusion_core.samplers).")] = "ddim",
+    steps: Annotated[int, typer.Option(help="Sampling steps (ode_rk45 adapts its own).")] = 50,
+    spacing: Annotated[str, typer.Option(help="Time-grid spacing (uniform, quadratic, ...).")] = (
+        "uniform"
+    ),
+    guidance: Annotated[float, typer.Option(
+        "--guidance", "-w", help="Classifier-free guidance weight w (scale 1 + w); 0 = none.")
+    ] = 0.0,
+    classes: Annotated[str, typer.Option(
+        help="all (cycled), one class (3), a list (1,3,5) or none (the null label).")
+    ] = "all",
+    num: Annotated[int, typer.Option("--num", "-n", help="How many images.")] = 64,
+    seed: Annotated[int, typer.Option(help="Image i uses seed SEED + i.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per batch (any: same images).")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    settings: Annotated[list[str] | None, typer.Option(
+        "--set", help="A sampler setting KEY=VALUE (e.g. eta=0.5); repeat for more.")
+    ] = None,
+    png: Annotated[bool, typer.Option(help="One PNG per image.")] = True,
+    npz: Annotated[bool, typer.Option(help="All images in one images.npz.")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Generate images from a trained model: PNGs named INDEX_classC_seedS.png, images.npz,
+    grid.png and generate.json in --out. Runs under torchrun too (each rank takes its share of
+    the seeds): `python -m torch.distributed.run --nproc-per-node=N -m pipeline generate ...`.
+
+    Example: `diffusion generate --classes 3 -n 64 --sampler ddim --steps 20 -w 2`
+    """
+    from diffusion_core.checkpoint import CheckpointError
+    from pipeline.generate import GenerateOptions, OptionError, run
+
+    if quiet:
+        os.environ["DIFFUSION_QUIET"] = "1"
+    options = GenerateOptions(
+        model=model, out=out, sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
+        classes=classes, n=num, seed=seed, batch_size=batch_size, device=device,
+        settings=list(settings or []), png=png, npz=npz,
+    )
+    guard.die_with_parent()
+    try:
+        run(options)
+    except OptionError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except (StageError, CheckpointError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("stopped: interrupted", err=True)
+        raise typer.Exit(130) from None
 
 
 @app.command("check-params")

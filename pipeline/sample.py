@@ -35,6 +35,7 @@ from pipeline import paths
 from pipeline.config import Method, Params
 from pipeline.errors import StageError
 from pipeline.files import file_digest, write_bytes, write_json, write_provenance, write_timing
+from pipeline.progress import Progress
 
 GRID_IMAGES = 100
 
@@ -101,6 +102,16 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.wrap(text, width)[:3])
 
 
+#: samplers with at least this many steps also show a bar per step within each batch
+STEP_BAR_MIN = 100
+
+
+def step_progress(desc: str, steps: int | None) -> Progress:
+    """A per-step bar for long samplers (``steps >= STEP_BAR_MIN``), else a silent one."""
+    long = steps is not None and steps >= STEP_BAR_MIN
+    return Progress(steps or 0, f"{desc} steps", unit="step", leave=False, enabled=long)
+
+
 def _skip(params: Params, name: str, method: Method, reason: str) -> dict[str, Any]:
     print(f"skipped {name}: {reason}")
     record = {"status": "skipped", "reason": reason}
@@ -132,22 +143,25 @@ def run(params: Params, method: str) -> dict[str, Any]:
         kwargs["steps"] = steps
     chunks, nfe_total = [], 0
     start = time.perf_counter()
-    with torch.no_grad():
+    bar = Progress(n, method, unit="img", every=batch)
+    with torch.no_grad(), bar:
         for lo in range(0, n, batch):
             hi = min(n, lo + batch)
-            out = generate(
-                guided,
-                process,
-                m.sampler,
-                shape=shape,
-                seeds=seeds[lo:hi],
-                labels=None if labels is None else labels[lo:hi],
-                device=device,
-                **kwargs,
-            )
+            with step_progress(method, steps) as step_bar:
+                out = generate(
+                    guided,
+                    process,
+                    m.sampler,
+                    shape=shape,
+                    seeds=seeds[lo:hi],
+                    labels=None if labels is None else labels[lo:hi],
+                    device=device,
+                    callback=step_bar.callback() if step_bar.enabled else None,
+                    **kwargs,
+                )
             chunks.append(to_uint8(out.x.cpu()))
             nfe_total += out.nfe * (hi - lo)
-            print(f"{method}: {hi}/{n} images, {out.nfe} denoiser evaluations", flush=True)
+            bar.update(hi - lo, nfe=out.nfe)
     wall_s = time.perf_counter() - start
     images = torch.cat(chunks)
     save_atomic(

@@ -37,6 +37,7 @@ from pipeline.files import (
 )
 from pipeline.locks import FolderLock
 from pipeline.prepare import load_split, tensor_digest
+from pipeline.progress import Progress
 from pipeline.tracking import Tracker, run_name, run_tags
 
 
@@ -194,13 +195,15 @@ def run(params: Params) -> TrainResult:
                 flush=True,
             )
 
+        # one line per log_every steps without a TTY; a bar with loss, lr, images/s and ETA
+        bar = Progress(cfg.steps, "train", unit="step", every=1, enabled=dist.is_main)
+
         def on_log(step: int, values: dict[str, float]) -> None:
             assert log is not None
             log.append(step, values)
-            print(
-                f"step {step}/{cfg.steps} loss {values['loss']:.5f} lr {values['lr']:.3g}",
-                flush=True,
-            )
+            rate = bar.rate()
+            extra = {"img/s": round(rate * cfg.batch_size)} if rate else {}
+            bar.goto(step, loss=values["loss"], lr=values["lr"], **extra)
             if tracker is not None:
                 tracker.log_metrics({f"train/{k}": v for k, v in values.items()}, step=step)
 
@@ -220,6 +223,7 @@ def run(params: Params) -> TrainResult:
             archive_dir=paths.STALE,
         )
         wall_s = time.perf_counter() - start
+        bar.close()
         if result.interrupted:
             raise StageInterruptedError(result.signal or 2)
         if dist.is_main:

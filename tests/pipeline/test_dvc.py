@@ -24,6 +24,7 @@ STAGE_MODULES = {
     "sample": "pipeline.sample",
     "evaluate": "pipeline.evaluate",
     "report": "pipeline.report",
+    "pictures": "pipeline.pictures",
     "track": "pipeline.track",
 }
 

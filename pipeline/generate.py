@@ -1,0 +1,312 @@
+"""``diffusion generate``: images from a trained model with any sampler, no params.yaml needed.
+
+Image ``i`` (``0..n-1``) starts from seed ``seed + i`` and has label ``classes[i % len(classes)]``,
+so it is the same whatever the batch size or the number of processes. Under ``torchrun`` rank
+``r`` of ``W`` takes images ``r, r + W, r + 2W, ...`` (EDM's ``generate.py`` idea), writes their
+PNGs itself, and rank 0 gathers the images for the ``.npz`` and the grid::
+
+    diffusion generate --classes 3 -n 64 --sampler ddim --steps 20 --guidance 2 \\
+        --out runs/generated/three
+    python -m torch.distributed.run --standalone --nproc-per-node=4 -m pipeline generate -n 50000
+
+Writes into ``--out``: ``{i:05d}_class{c}_seed{s}.png`` (``_uncond_`` for the null label) per
+image, ``images.npz`` (``images`` as ``N, H, W, C`` uint8, ``labels`` (-1 = null label),
+``seeds``), ``grid.png`` (the first 100) and ``generate.json`` (the resolved options, model and
+timing). Every bad option is a :class:`OptionError` whose message is one line naming the option.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import paths
+from pipeline.errors import StageError
+
+NAME = re.compile(r"^(?P<index>\d+)_(?:class(?P<label>\d+)|uncond)_seed(?P<seed>\d+)\.png$")
+
+
+class OptionError(ValueError):
+    """A bad command-line option (exit 2); the message is one line naming the option."""
+
+
+@dataclass
+class GenerateOptions:
+    """Everything ``diffusion generate`` takes (see the command's help for each)."""
+
+    model: str = str(paths.MODEL)
+    out: Path = Path("runs/generated")
+    sampler: str = "ddim"
+    steps: int = 50
+    spacing: str = "uniform"
+    guidance: float = 0.0
+    classes: str = "all"
+    n: int = 64
+    seed: int = 0
+    batch_size: int = 64
+    device: str = "auto"
+    settings: list[str] = field(default_factory=list)
+    png: bool = True
+    npz: bool = True
+
+
+def image_name(index: int, label: int | None, seed: int) -> str:
+    """``00012_class3_seed12.png``; ``00012_uncond_seed12.png`` for the null label."""
+    middle = "uncond" if label is None else f"class{label}"
+    return f"{index:05d}_{middle}_seed{seed}.png"
+
+
+def parse_name(name: str) -> tuple[int, int | None, int]:
+    """``(index, label or None, seed)`` of an :func:`image_name`."""
+    match = NAME.match(name)
+    if match is None:
+        raise ValueError(f"not a generated image name: {name!r}")
+    label = match["label"]
+    return int(match["index"]), None if label is None else int(label), int(match["seed"])
+
+
+def resolve_model(spec: str) -> Path:
+    """The checkpoint file of ``spec``: a path, or an MLflow model URI (``models:/name/version``,
+    ``runs:/id/model``) whose pyfunc carries the checkpoint as its ``checkpoint`` artifact."""
+    if ":/" not in spec:
+        return Path(spec)
+    import mlflow
+
+    try:
+        model = mlflow.pyfunc.load_model(spec)
+        return Path(model.unwrap_python_model().checkpoint)
+    except Exception as exc:  # MLflow raises many kinds; one line is what the user needs
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StageError(f"--model {spec}: cannot load the MLflow model: {first}") from None
+
+
+def parse_settings(sampler: str, items: list[str]) -> dict[str, Any]:
+    """``["eta=0.5"]`` -> ``{"eta": 0.5}``, keys checked against the sampler's settings and
+    values against the method model of ``pipeline.config`` where it has one."""
+    import yaml
+
+    from diffusion_core.samplers import SAMPLER_SETTINGS
+
+    allowed = SAMPLER_SETTINGS[sampler]
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise OptionError(f"--set: expected KEY=VALUE (got {item!r})")
+        if key not in allowed:
+            takes = ", ".join(allowed) if allowed else "no settings"
+            raise OptionError(f"--set {key}: {sampler} takes {takes} (got {item!r})")
+        try:
+            out[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise OptionError(f"--set {key}: cannot read the value (got {raw!r})") from None
+    _check_values(sampler, out)
+    return out
+
+
+def _check_values(sampler: str, settings: dict[str, Any]) -> None:
+    """Validate values with the params model's method of ``sampler`` (when it has one)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from pipeline.config import Method
+
+    try:
+        TypeAdapter(Method).validate_python({"sampler": sampler, "steps": 2, **settings})
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"] if str(p) != sampler]
+            if loc and loc[0] in settings:
+                raise OptionError(
+                    f"--set {loc[0]}: {err['msg']} (got {settings[loc[0]]!r})"
+                ) from None
+        # anything else (e.g. a sampler the params model does not list yet) is not ours to judge
+
+
+def parse_classes(spec: str, num_classes: int, n: int) -> list[int] | None:
+    """The label of every image: ``all`` cycles every class, ``3`` or ``1,3,5`` cycle those,
+    ``none`` samples the null label (unconditional). None when there are no labels."""
+    text = spec.strip().lower()
+    if text in ("none", "null", "uncond"):
+        return None
+    if num_classes == 0:
+        if text == "all":
+            return None
+        raise OptionError(f"--classes: the model is unconditional; leave it out (got {spec!r})")
+    if text == "all":
+        chosen = list(range(num_classes))
+    else:
+        try:
+            chosen = [int(c) for c in text.replace(" ", "").split(",") if c != ""]
+        except ValueError:
+            raise OptionError(
+                f"--classes: expected all, none, a class or a comma-separated list (got {spec!r})"
+            ) from None
+        if not chosen:
+            raise OptionError(f"--classes: no class given (got {spec!r})")
+        bad = [c for c in chosen if not 0 <= c < num_classes]
+        if bad:
+            raise OptionError(
+                f"--classes: labels must lie in 0..{num_classes - 1} (got {spec!r})"
+            )
+    return [chosen[i % len(chosen)] for i in range(n)]
+
+
+def check_options(o: GenerateOptions) -> None:
+    """The checks that need no model."""
+    from diffusion_core.samplers import SAMPLERS
+
+    if o.n < 1:
+        raise OptionError(f"--num: must be at least 1 (got {o.n})")
+    if o.batch_size < 1:
+        raise OptionError(f"--batch-size: must be at least 1 (got {o.batch_size})")
+    if o.steps < 1:
+        raise OptionError(f"--steps: must be at least 1 (got {o.steps})")
+    if o.seed < 0:
+        raise OptionError(f"--seed: must be 0 or more (got {o.seed})")
+    if not o.guidance >= 0:  # also NaN
+        raise OptionError(f"--guidance: must be 0 or more (got {o.guidance})")
+    if o.sampler not in SAMPLERS:
+        raise OptionError(f"--sampler: unknown {o.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if o.out.exists() and not o.out.is_dir():
+        raise OptionError(f"--out: {o.out} exists and is not a folder")
+
+
+def pick_device(spec: str) -> torch.device:
+    from diffusion_core.distributed import default_device
+
+    if spec == "auto":
+        return default_device()
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise OptionError(f"--device: expected auto, cpu, cuda or cuda:N (got {spec!r})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"--device: CUDA is not available here (got {spec!r})")
+    if device.type not in ("cpu", "cuda"):
+        raise OptionError(f"--device: expected auto, cpu, cuda or cuda:N (got {spec!r})")
+    return device
+
+
+def run(o: GenerateOptions) -> dict[str, Any]:
+    """Generate; returns the record written to ``generate.json`` (on every rank)."""
+    from diffusion_core.distributed import cleanup, setup_distributed
+
+    check_options(o)
+    settings = parse_settings(o.sampler, o.settings)
+    device = pick_device(o.device)
+    checkpoint = resolve_model(o.model)
+    if not checkpoint.is_file():
+        hint = "run the train stage first" if o.model == str(paths.MODEL) else "check --model"
+        raise StageError(f"--model: {checkpoint} is missing: {hint}")
+    try:
+        dist = setup_distributed(device=device.type)
+    except (ValueError, RuntimeError) as exc:
+        raise StageError(f"cannot start the process group: {exc}") from None
+    try:
+        return _generate(o, settings, checkpoint, dist if dist.world_size > 1 else None, device)
+    finally:
+        cleanup()
+
+
+def _generate(o: GenerateOptions, settings: dict[str, Any], checkpoint: Path, dist: Any,
+              device: torch.device) -> dict[str, Any]:
+    from diffusion_core.data import to_uint8
+    from diffusion_core.distributed import all_gather_object, barrier
+    from diffusion_core.guidance import ClassifierFreeGuidance
+    from diffusion_core.samplers import compatible, generate
+    from pipeline.files import file_digest, write_bytes, write_json
+    from pipeline.progress import Progress
+    from pipeline.sample import _png, grid_png, load_model, step_progress
+
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    if dist is not None:
+        device = dist.device
+    denoiser, process, _ = load_model(device, checkpoint)
+    net = denoiser.net
+    num_classes = int(getattr(net, "num_classes", 0))
+    labels = parse_classes(o.classes, num_classes, o.n)
+    if o.guidance > 0 and labels is None:
+        raise OptionError(
+            f"--guidance: needs class labels from a class-conditional model (got {o.guidance})"
+        )
+    steps = None if o.sampler == "ode_rk45" else o.steps
+    reason = compatible(o.sampler, process, steps)
+    if reason is not None:
+        raise OptionError(f"--steps: {reason}")
+    try:
+        process.time_grid(o.steps if steps else 2, o.spacing)
+    except ValueError as exc:
+        raise OptionError(f"--spacing: {exc} (got {o.spacing!r})") from None
+    guided = ClassifierFreeGuidance(denoiser, o.guidance) if o.guidance > 0 else denoiser
+    shape = (net.in_channels, net.image_size, net.image_size)
+    mine = list(range(rank, o.n, world))  # this rank's images
+    o.out.mkdir(parents=True, exist_ok=True)
+    chunks: list[np.ndarray] = []
+    nfe = 0
+    start = time.perf_counter()
+    bar = Progress(len(mine), "generate", unit="img", every=o.batch_size)
+    with torch.no_grad(), bar:
+        for lo in range(0, len(mine), o.batch_size):
+            idx = mine[lo: lo + o.batch_size]
+            batch_labels = None if labels is None else torch.tensor([labels[i] for i in idx])
+            with step_progress("generate", steps) as step_bar:
+                out = generate(
+                    guided, process, o.sampler, shape=shape, seeds=[o.seed + i for i in idx],
+                    labels=batch_labels, steps=o.steps, spacing=o.spacing, device=device,
+                    callback=step_bar.callback() if step_bar.enabled else None, **settings,
+                )
+            images = to_uint8(out.x.cpu()).permute(0, 2, 3, 1).numpy()  # N, H, W, C
+            nfe = out.nfe
+            if o.png:
+                for i, image in zip(idx, images, strict=True):
+                    label = None if labels is None else labels[i]
+                    write_bytes(o.out / image_name(i, label, o.seed + i), _png(image))
+            chunks.append(images)
+            bar.update(len(idx), nfe=out.nfe)
+    wall_s = time.perf_counter() - start
+    local = np.concatenate(chunks) if chunks else np.zeros((0, *shape[1:], shape[0]), np.uint8)
+    gathered = all_gather_object((mine, local))  # rank 0 writes the npz and the grid
+    record: dict[str, Any] = {}
+    if rank == 0:
+        everything = np.zeros((o.n, shape[1], shape[2], shape[0]), dtype=np.uint8)
+        for indices, images in gathered:
+            everything[indices] = images
+        seeds = np.arange(o.seed, o.seed + o.n, dtype=np.int64)
+        label_array = np.asarray(labels if labels is not None else [-1] * o.n, dtype=np.int64)
+        if o.npz:
+            buf = _npz_bytes(images=everything, labels=label_array, seeds=seeds)
+            write_bytes(o.out / "images.npz", buf)
+        grid = torch.from_numpy(everything).permute(0, 3, 1, 2)
+        write_bytes(o.out / "grid.png", grid_png(grid))
+        options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(o).items()}
+        record = {
+            "options": options,
+            "settings": settings,
+            "checkpoint": str(checkpoint),
+            "model_sha256": file_digest(checkpoint),
+            "process": process.describe(),
+            "nfe_per_image": nfe,
+            "world_size": world,
+            "device": device.type,
+            "wall_s": round(wall_s, 3),
+        }
+        write_json(o.out / "generate.json", record)
+        print(f"generate: {o.n} images in {o.out} ({wall_s:.1f} s, {world} process(es), "
+              f"{nfe} denoiser evaluations per image)", flush=True)
+    barrier()
+    return record
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
