@@ -21,8 +21,12 @@ def check_buildable(params: Params) -> None:
     from diffusion_core.training import TrainConfig
     from pipeline.train import build_unet, train_config
 
-    with torch.device("meta"):
-        build_unet(params)  # raises ParamsError("model: ...")
+    try:
+        with torch.device("meta"):
+            build_unet(params)  # raises ParamsError("model: ...")
+    except (RuntimeError, OverflowError, MemoryError) as exc:  # sizes no tensor can have
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ParamsError(f"model: the U-Net cannot be built: {first}") from None
     try:
         make_process(params.process.name, **params.process.factory_kwargs())
     except (ValueError, TypeError) as exc:

@@ -49,12 +49,18 @@ def eval_metrics(method: str) -> Path:
     return Path("metrics/eval") / f"{method}.json"
 
 
+def eval_record(method: str) -> Path:
+    """The full evaluation record of one method (intervals, P/R, D/C, verdict, ...)."""
+    return Path("reports/eval") / f"{method}.json"
+
+
 def method_files(method: str) -> list[Path]:
     """The small per-method files kept in Git (and the timings beside them)."""
     return [
         grid_path(method),
         sample_metrics(method),
         eval_metrics(method),
+        eval_record(method),
         Path("provenance") / f"sample@{method}.json",
         Path("provenance") / f"evaluate@{method}.json",
         Path("runs/timing") / f"sample@{method}.json",

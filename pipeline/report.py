@@ -91,7 +91,7 @@ def method_row(params: Params, name: str) -> dict[str, Any]:
     """The summary of one method from its sample and evaluate records."""
     method = params.methods[name]
     sampled = _read(paths.sample_metrics(name), f"sample@{name}")
-    scored = _read(paths.eval_metrics(name), f"evaluate@{name}")
+    scored = _read(paths.eval_record(name), f"evaluate@{name}")
     ext = scored.get("extractor", params.evaluate.extractor)
     status = "ok" if sampled.get("status") == scored.get("status") == "ok" else "skipped"
     return {

@@ -10,7 +10,8 @@ Reads only files the other stages wrote (params, ``metrics/``, ``reports/``, ``p
   ``images_per_s/<method>`` (when the method was sampled in this workspace), ``train/loss``
   per step, ``train/final_loss``, ``classifier/test_accuracy``, and the guidance trade-off as
   ``guidance_fid`` / ``guidance_class_accuracy`` at step ``round(100 w)``;
-* artifacts: ``grids/`` (configured methods only), ``reports/``, ``metrics/``, ``provenance/``,
+* artifacts: ``grids/`` (configured methods only), ``reports/``, ``process/`` (pictures),
+  ``metrics/``, ``provenance/``,
   ``params.yaml`` and ``dvc.lock``;
 * tags: ``run.kind=pipeline``, ``dvc.exp_name``, ``dvc.baseline_rev``, ``git.commit``,
   ``params.hash``, ``train.run_id`` (the training run of the evaluated model) and the model's
@@ -65,7 +66,7 @@ def method_metrics(params: Params) -> dict[str, float]:
     out: dict[str, float] = {}
     for name in params.methods:
         sampled = _json(paths.sample_metrics(name))
-        scored = _json(paths.eval_metrics(name))
+        scored = _json(paths.eval_record(name))
         values = {**_numbers(scored)}
         if "nfe" in sampled:
             values["nfe"] = float(sampled["nfe"])
@@ -170,10 +171,12 @@ def run(params: Params) -> dict[str, Any]:
         tracker.log_metrics(values, step=step)
     for method in params.methods:
         tracker.log_artifact(paths.grid_path(method), "grids")
-        for path in (paths.sample_metrics(method), paths.eval_metrics(method)):
+        for path in (paths.sample_metrics(method), paths.eval_record(method)):
             tracker.log_artifact(path, str(Path("metrics") / path.parent.name))
     for path in (*REPORT_FILES, paths.SUMMARY, paths.TRAIN_METRICS, paths.CLASSIFIER_METRICS):
         tracker.log_artifact(path, "reports" if path.parent.name == "reports" else "metrics")
+    for path in sorted(Path("reports/process").glob("*")):  # the pictures stage
+        tracker.log_artifact(path, "process")
     for path in sorted(PROVENANCE_DIR.glob("*.json")):
         tracker.log_artifact(path, "provenance")
     for path in (Path("params.yaml"), Path("dvc.lock")):

@@ -51,7 +51,7 @@ def test_hutchinson_estimate_is_unbiased():
 
 
 def test_bits_per_dim_of_gaussian_levels():
-    """bpd = -(log p(y) + D log(2/L)) / (D ln 2) at the dequantised points y, with the closed-form
+    """bpd = -(log p(y) + D log Delta) / (D ln 2) at the dequantised points y, with the closed-form
     log-density of the Gaussian data's marginal at t_min; for Gaussian data the ODE's Jacobian
     is a multiple of I, so Hutchinson's estimate is exact and the match is to the ODE tolerance."""
     process = VPSDE()
@@ -60,8 +60,9 @@ def test_bits_per_dim_of_gaussian_levels():
     bpd, _ = bits_per_dim(d, process, levels, 256, dtype=torch.float64, rtol=1e-6, atol=1e-6,
                           prior_logp=lambda x1: analytic_logp(process, x1, 1.0))
     u = StackedRNG(range(8)).rand((1, 2, 2), dtype=torch.float64)  # the same dequantisation
-    y = 2.0 * (levels.double() + u) / 256 - 1.0
-    expected = -(analytic_logp(process, y) + 4 * math.log(2 / 256)) / (4 * math.log(2))
+    delta = 2.0 / 255  # bins of the level map x_k = 2 k / (L - 1) - 1, centred on the levels
+    y = 2.0 * levels.double() / 255 - 1.0 + delta * (u - 0.5)
+    expected = -(analytic_logp(process, y) + 4 * math.log(delta)) / (4 * math.log(2))
     assert bpd.shape == (8,)
     assert torch.allclose(bpd, expected, atol=1e-2)
     # with the process's own prior: only its mismatch with p_1 is added

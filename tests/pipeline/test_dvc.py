@@ -118,7 +118,7 @@ def test_stage_outputs_match_paths_module(stages: dict[str, Any]) -> None:
             paths.LOSS_CSV,
         },
         "sample": {paths.samples_dir(key), paths.grid_path(key), paths.sample_metrics(key)},
-        "evaluate": {paths.eval_metrics(key)},
+        "evaluate": {paths.eval_metrics(key), paths.eval_record(key)},
         "report": {
             paths.SUMMARY,
             paths.SUMMARY_MD,

@@ -89,7 +89,7 @@ def test_dvc_repro_twice_and_the_mlflow_runs(tmp_path: Path) -> None:
     assert "Data and pipelines are up to date" in dvc(tmp_path, env, "status")
     shown = json.loads(dvc(tmp_path, env, "metrics", "show", "--json"))
     assert "provenance" not in json.dumps(shown)  # metrics files hold numbers, not provenance
-    assert '"fid_ci_high"' in json.dumps(shown) and '"verdict"' in json.dumps(shown)
+    assert '"fid_ci_high"' in json.dumps(shown) and '"recall"' in json.dumps(shown)
 
     # one training run (the model, registered) and one pipeline run; the unchanged second
     # `dvc repro` logged nothing

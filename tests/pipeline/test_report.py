@@ -66,7 +66,7 @@ def write_records(methods: dict[str, tuple[dict[str, Any], float, float | None]]
         }
         if accuracy is not None:
             scored["class_accuracy"] = accuracy
-        write_json(paths.eval_metrics(name), scored)
+        write_json(paths.eval_record(name), scored)
 
 
 @pytest.fixture
@@ -150,7 +150,7 @@ def test_skipped_guided_method_leaves_the_curve(workdir: Path) -> None:
     methods = {k: METHODS[k] for k in ("a", "b1", "b4")}
     write_records(methods)
     write_json(paths.sample_metrics("b4"), {"status": "skipped", "reason": "test"})
-    write_json(paths.eval_metrics("b4"), {"status": "skipped", "reason": "test"})
+    write_json(paths.eval_record("b4"), {"status": "skipped", "reason": "test"})
     report.run(params_of(methods))
     rows = (workdir / paths.GUIDANCE_TRADEOFF).read_text().splitlines()[1:]
     assert [r.split(",")[0] for r in rows] == ["a", "b1"]
@@ -163,9 +163,11 @@ def test_files_of_removed_methods_are_pruned(workdir: Path) -> None:
         paths.grid_path(name).write_bytes(b"png")
     write_json(paths.sample_metrics("gone"), {"status": "ok", "nfe": 5.0})
     write_json(paths.eval_metrics("gone"), {"status": "ok"})
+    write_json(paths.eval_record("gone"), {"status": "ok"})
     with contextlib.redirect_stdout(io.StringIO()):
         report.run(params_of(METHODS))
     assert not paths.grid_path("gone").exists()
     assert not paths.sample_metrics("gone").exists() and not paths.eval_metrics("gone").exists()
-    assert paths.grid_path("a").exists() and paths.eval_metrics("a").exists()
+    assert not paths.eval_record("gone").exists()
+    assert paths.grid_path("a").exists() and paths.eval_record("a").exists()
     assert "gone" not in (workdir / paths.SUMMARY_MD).read_text()

@@ -197,7 +197,9 @@ def test_evaluate_and_report(workspace: Path) -> None:
     assert record["recall_floor"] > record["recall"]  # real images cover the reference better
     n_test = read(workspace / paths.DATA_INFO)["n_test"]
     assert record["n_reference"] + record["n_floor"] == n_test
-    assert read(workspace / paths.eval_metrics("ddim5")) == json.loads(json.dumps(record))
+    assert read(workspace / paths.eval_record("ddim5")) == json.loads(json.dumps(record))
+    headline = read(workspace / paths.eval_metrics("ddim5"))  # the DVC metric: a few numbers
+    assert set(headline) <= set(evaluate.HEADLINE) and headline["fid"] == record["fid"]
     row = summary["methods"]["ddim5"]
     assert row["nfe"] == 5 and row["fid"] == record["fid"]
     assert row["verdict"] == record["verdict"]

@@ -48,7 +48,8 @@ def test_one_run_with_metrics_curves_artifacts_and_the_model(workdir: Path) -> N
     run = client(workdir).get_run(out["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["run.kind"] == "pipeline"
     metrics = run.data.metrics
-    assert metrics["fid_classifier/a"] == 10.0 and metrics["nfe/e"] == 10.0
+    assert metrics["fid/a"] == 10.0 and metrics["fid_ci_high/a"] == 11.5
+    assert metrics["nfe/e"] == 10.0
     assert metrics["class_accuracy/b4"] == 0.95 and "class_accuracy/u" not in metrics
     assert metrics["images_per_s/a"] == 10.0 and "images_per_s/b1" not in metrics
     assert metrics["train/final_loss"] == 0.25
