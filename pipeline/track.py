@@ -149,7 +149,7 @@ def _link_model(tracker: Tracker, params: Params) -> dict[str, str]:
 def run(params: Params) -> dict[str, Any]:
     """Create the MLflow run of this pipeline run; returns ``{run_id, name}`` (or {})."""
     context = run_context()
-    name = run_name(context["git.commit"], context["git.dirty"])
+    name = run_name(context["git.commit"])
     metrics = method_metrics(params)
     tags = run_tags(params_hash(params), context["git.commit"], kind="pipeline")
     tags["git.dirty"] = str(context["git.dirty"])

@@ -308,14 +308,15 @@ def run_tags(params_hash: str, commit: str | None, kind: str) -> dict[str, str]:
     return tags
 
 
-def run_name(commit: str | None, dirty: bool | None) -> str:
-    """The DVC experiment's name, else ``repro-<short commit>`` (``+dirty`` with local edits)."""
+def run_name(commit: str | None) -> str:
+    """The DVC experiment's name, else ``repro-<short commit>``.
+
+    Whether the tree had local edits is the tag ``git.dirty``, not part of the name: during
+    ``dvc repro`` DVC itself rewrites tracked outputs, so the tree is always dirty by then."""
     exp = os.environ.get("DVC_EXP_NAME")
     if exp:
         return exp
-    if not commit:
-        return "repro"
-    return f"repro-{commit[:7]}{'+dirty' if dirty else ''}"
+    return f"repro-{commit[:7]}" if commit else "repro"
 
 
 def experiment_refs(root: Path) -> dict[str, str]:

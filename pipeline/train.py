@@ -143,7 +143,8 @@ def _open_tracker(params: Params, config_hash: str) -> Tracker | None:
             f"Training of {params.data.dataset} ({params.process.name} process, "
             f"{params.model.prediction} prediction, {params.train.steps} steps)."
         )
-        name = "train-" + run_name(context["git.commit"], context["git.dirty"])
+        name = "train-" + run_name(context["git.commit"])
+        tags["git.dirty"] = str(context["git.dirty"])
         tracker = Tracker.create(name, tags, params.tracking.experiment)
         if tracker is None:
             return None

@@ -75,12 +75,11 @@ def test_env_uri_wins(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_run_names_follow_the_dvc_experiment_or_the_commit(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    assert run_name("0123456789abcdef", False) == "repro-0123456"
-    assert run_name("0123456789abcdef", True) == "repro-0123456+dirty"
-    assert run_name(None, None) == "repro"
+    assert run_name("0123456789abcdef") == "repro-0123456"
+    assert run_name(None) == "repro"
     monkeypatch.setenv("DVC_EXP_NAME", "fluky-rams")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "b" * 40)
-    assert run_name("0123456789abcdef", False) == "fluky-rams"
+    assert run_name("0123456789abcdef") == "fluky-rams"
     tags = run_tags("abc", "c" * 40, kind="pipeline")
     assert tags["dvc.exp_name"] == "fluky-rams" and tags["dvc.baseline_rev"] == "b" * 40
     assert tags["run.kind"] == "pipeline" and tags["git.commit"] == "c" * 40
