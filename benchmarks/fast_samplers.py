@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,26 +49,21 @@ def environment() -> dict[str, str]:
             "command": shlex.join([Path(sys.executable).name, *sys.argv])}
 
 
-def fid_interval(sample_f: np.ndarray, train_f: np.ndarray, reps: int, seed: int = 0):
-    """FID and a 95% bootstrap interval over the generated images. Resampling with replacement
-    duplicates images, which biases the resampled FIDs upwards by far more than their spread, so
-    the percentile interval is shifted by the bootstrap's bias: ``[q_2.5, q_97.5] - (mean - F)``."""
-    from diffusion_core.metrics import fid_from_features
+def reference_sets(path: str):
+    """The pipeline's evaluation protocol (``diffusion_core.evaluation``): reference statistics of
+    the held-out half R and the floor half F, from the classifier stage's cached features."""
+    from diffusion_core.checkpoint import load_checkpoint
+    from diffusion_core.evaluation import ReferenceStatistics
 
-    fid = fid_from_features(sample_f, train_f)
-    if reps <= 0:
-        return fid, float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    n = sample_f.shape[0]
-    boot = [fid_from_features(sample_f[rng.integers(0, n, n)], train_f) for _ in range(reps)]
-    q_lo, q_hi = np.percentile(boot, [2.5, 97.5])
-    bias = float(np.mean(boot)) - fid
-    return fid, max(0.0, float(q_lo) - bias), float(q_hi) - bias
+    ref = load_checkpoint(path, map_location="cpu")
+    test = ref["test"].numpy()
+    return (ReferenceStatistics(test[ref["reference_index"].numpy()]),
+            test[ref["floor_index"].numpy()])
 
 
 def quality(args) -> list[dict]:
     from diffusion_core.checkpoint import load_checkpoint
-    from diffusion_core.data import from_uint8, to_uint8
+    from diffusion_core.data import from_levels, from_uint8, to_levels, to_uint8
     from diffusion_core.denoiser import Denoiser
     from diffusion_core.processes import make_process
     from diffusion_core.rng import StackedRNG
@@ -86,8 +80,9 @@ def quality(args) -> list[dict]:
     clf = FeatureClassifier(**c["config"])
     clf.load_state_dict(c["state_dict"])
     clf.eval()
-    ref = load_checkpoint(args.reference, map_location="cpu")
-    train_f, test_f = ref["train"].numpy(), ref["test"].numpy()[: args.n]
+    from diffusion_core.evaluation import fid_interval, floor_fid
+
+    reference, floor_f = reference_sets(args.reference)
     n = args.n
     labels = torch.arange(n) % max(net.num_classes, 1) if net.num_classes else None
     seeds = list(range(n))
@@ -101,9 +96,10 @@ def quality(args) -> list[dict]:
         start = time.perf_counter()
         out = SAMPLERS[sampler](den, process, x_T, grid, labels=labels, rng=rng, **settings)
         wall = time.perf_counter() - start
-        images = from_uint8(to_uint8(out.x))  # as the pipeline stores and scores them
+        # as the pipeline stores (uint8) and scores them (snapped to the data's grey levels)
+        images = from_levels(to_levels(from_uint8(to_uint8(out.x)), args.levels), args.levels)
         f = features(clf, images, 500, torch.device("cpu")).numpy()
-        fid, lo, hi = fid_interval(f, train_f, args.bootstrap)
+        fid, lo, hi = fid_interval(f, reference, draws=args.bootstrap)
         row = {"method": name, "steps": steps, "nfe": out.nfe, "spacing": spacing,
                "fid": round(fid, 3), "fid_lo": round(lo, 3), "fid_hi": round(hi, 3),
                "wall_s": round(wall, 2), "n_images": n, **env}
@@ -111,8 +107,9 @@ def quality(args) -> list[dict]:
               f"[{lo:.3f}, {hi:.3f}]  {wall:.1f} s", flush=True)
         rows.append(row)
 
-    fid, lo, hi = fid_interval(test_f, train_f, args.bootstrap)
-    rows.append({"method": "real data (floor)", "steps": 0, "nfe": 0, "spacing": "",
+    m = min(n, floor_f.shape[0])
+    fid, lo, hi, _ = floor_fid(floor_f, reference, m, draws=args.bootstrap)
+    rows.append({"method": f"real data (floor, m = {m})", "steps": 0, "nfe": 0, "spacing": "",
                  "fid": round(fid, 3), "fid_lo": round(lo, 3), "fid_hi": round(hi, 3),
                  "wall_s": 0.0, "n_images": n, **env})
     print(f"floor FID {fid:.3f} [{lo:.3f}, {hi:.3f}]")
@@ -264,7 +261,8 @@ def main() -> None:
     ap.add_argument("--nfe", type=lambda s: [int(v) for v in s.split(",")],
                     default=[5, 8, 10, 15, 20, 50])
     ap.add_argument("--methods", default=",".join(QUALITY_METHODS))
-    ap.add_argument("--bootstrap", type=int, default=100)
+    ap.add_argument("--bootstrap", type=int, default=200)
+    ap.add_argument("--levels", type=int, default=17, help="the data's grey levels (digits: 17)")
     ap.add_argument("--no-ddpm", action="store_true", help="skip the DDPM-1000 reference row")
     ap.add_argument("--speed-nfe", type=lambda s: [int(v) for v in s.split(",")], default=[10, 20])
     ap.add_argument("--speed-batch", type=int, default=400)
