@@ -116,7 +116,7 @@ def mlflow_server(store_uri: str) -> Iterator[str]:
         proc.wait(30)
 
 
-def _rest(base: str, endpoint: str, body: dict) -> dict:
+def rest(base: str, endpoint: str, body: dict) -> dict:
     request = urllib.request.Request(
         f"{base}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
@@ -135,7 +135,7 @@ def check_mlflow(base: str, experiment: str = "diffusion", swept: str | None = N
     exp_id = exp["experiment_id"]
     tags = {t["key"]: t["value"] for t in exp.get("tags", [])}
     assert tags.get("mlflow.experimentKind") == "custom_model_development", tags
-    runs = _rest(base, "runs/search", {
+    runs = rest(base, "runs/search", {
         "experiment_ids": [exp_id], "filter": "tags.`run.kind` = 'pipeline'",
         "order_by": ["attributes.start_time DESC"], "max_results": 50,
     })["runs"]

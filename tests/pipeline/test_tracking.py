@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,10 @@ from mlflow.tracking import MlflowClient
 from diffusion_core.checkpoint import save_atomic
 from diffusion_core.processes import make_process
 from diffusion_core.unet import UNet
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "docs" / "tools"))
+import browser_check  # noqa: E402  (the loopback server helper shared with the browser check)
+
 from pipeline.tracking import (
     EXPERIMENT_KIND,
     Tracker,
@@ -216,42 +218,12 @@ def test_the_model_is_an_mlflow_pyfunc_in_the_registry(store: str, tmp_path: Pat
     assert runs_uri.metadata.signature is not None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rest(base: str, endpoint: str, body: dict) -> dict:
-    request = urllib.request.Request(
-        f"{base}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
 @pytest.mark.slow
 def test_runs_seen_through_a_loopback_mlflow_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", (tmp_path / "artifacts").as_uri(), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "server did not start"
-                time.sleep(0.5)
+    store = f"sqlite:///{tmp_path / 'server.db'}"
+    with browser_check.mlflow_server(store) as base:  # started here, stopped by its PID
         monkeypatch.setenv("MLFLOW_TRACKING_URI", base)
         monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "served")
         monkeypatch.setenv("DVC_EXP_NAME", "lanky-pail")
@@ -262,7 +234,7 @@ def test_runs_seen_through_a_loopback_mlflow_server(
         tracker.finish()
         assert tracker.enabled
 
-        found = _rest(base, "runs/search", {
+        found = browser_check.rest(base, "runs/search", {
             "experiment_ids": [tracker.experiment_id],
             "filter": "tags.`dvc.exp_name` = 'lanky-pail'",
         })["runs"]
@@ -273,6 +245,3 @@ def test_runs_seen_through_a_loopback_mlflow_server(
         assert {p["key"]: p["value"] for p in data["params"]} == {"methods.ddim.steps": "20"}
         assert found[0]["info"]["run_name"] == "lanky-pail"
         assert found[0]["info"]["status"] == "FINISHED"
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(30)
