@@ -1,9 +1,10 @@
-"""Device throughput: training images/s (eager vs compiled, fp32 vs bf16) and each sampler's
-overhead = wall time / (NFE x one bare batched network forward).
+"""Device throughput: training images/s (eager vs compiled, fp32 vs bf16, channels_last) and each
+sampler's overhead = wall time / (NFE x one bare batched forward of the same network callable).
 
     .venv/bin/python benchmarks/gpu_throughput.py                 # CUDA if present, else CPU
     .venv/bin/python benchmarks/gpu_throughput.py --small         # CPU-sized quick run
     .venv/bin/python benchmarks/gpu_throughput.py --compile       # also torch.compile on CPU
+    .venv/bin/python benchmarks/gpu_throughput.py --out DIR       # write the table there too
 
 The model is the 28x28 U-Net of the GPU issue (base 32, mults [1, 2, 2], attention at 7,
 ~1.2 M parameters) on random 28x28 data (throughput does not depend on the pixels). On a GPU the
@@ -26,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from diffusion_core.cuda_graphs import CUDAGraphNet  # noqa: E402
 from diffusion_core.denoiser import Denoiser  # noqa: E402
 from diffusion_core.distributed import default_device, setup_distributed  # noqa: E402
 from diffusion_core.processes import make_process  # noqa: E402
@@ -42,10 +44,19 @@ SAMPLERS = [  # (label, sampler, steps, settings)
 ]
 
 
-def unet() -> UNet:
+MODELS = {  # name: (U-Net keyword arguments, image shape)
+    # the 28x28 model of the GPU issue: ~1.2 M parameters
+    "mnist": (dict(in_channels=1, image_size=28, base_channels=32, channel_mults=[1, 2, 2],
+                   num_res_blocks=1, attention_resolutions=[7]), (1, 28, 28)),
+    # the DDPM paper's CIFAR-10 model (Ho et al. 2020): ~35.7 M parameters
+    "cifar": (dict(in_channels=3, image_size=32, base_channels=128, channel_mults=[1, 2, 2, 2],
+                   num_res_blocks=2, attention_resolutions=[16], dropout=0.1), (3, 32, 32)),
+}
+
+
+def unet(model: str = "mnist") -> UNet:
     torch.manual_seed(0)
-    return UNet(in_channels=1, image_size=28, base_channels=32, channel_mults=[1, 2, 2],
-                num_res_blocks=1, attention_resolutions=[7], num_classes=0)
+    return UNet(**MODELS[model][0], num_classes=0)
 
 
 def sync(device: torch.device) -> None:
@@ -53,28 +64,42 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def train_rate(device: torch.device, batch: int, steps: int, compile_: bool, bf16: bool) -> float:
-    """Images/s of ``steps`` training steps after 5 untimed ones."""
-    data = torch.rand(max(batch * 4, 1024), 1, 28, 28) * 2 - 1
+WARMUP_STEPS = 10  # untimed (torch.compile compiles here)
+
+
+def train_rate(device: torch.device, batch: int, steps: int, compile_: bool, bf16: bool,
+               channels_last: bool = False, mode: str = "default", model: str = "mnist"
+               ) -> tuple[float, float]:
+    """(images/s, mean loss) of ``steps`` training steps after ``WARMUP_STEPS`` untimed ones.
+
+    ``log_every = WARMUP_STEPS`` (a divisor of ``steps``), so the loop reads its losses back as
+    rarely as the pipeline's would; the clock is read after a synchronisation at those logs."""
+    data = torch.rand(max(batch * 4, 1024), *MODELS[model][1]) * 2 - 1
     stamps: dict[int, float] = {}
-    cfg = TrainConfig(steps=steps + 5, batch_size=batch, lr=1e-4, checkpoint_every=0,
-                      keep_last=1, log_every=1, seed=0, compile=compile_,
+    losses: list[float] = []
+    cfg = TrainConfig(steps=steps + WARMUP_STEPS, batch_size=batch, lr=1e-4, checkpoint_every=0,
+                      keep_last=1, log_every=WARMUP_STEPS, seed=0, compile=compile_,
+                      compile_mode=mode, channels_last=channels_last,
                       mixed_precision="bf16" if bf16 else "no")
 
-    def on_log(step: int, _: dict) -> None:
+    def on_log(step: int, logs: dict) -> None:
         sync(device)
         stamps.setdefault(step, time.perf_counter())
+        if step > WARMUP_STEPS:
+            losses.append(logs["loss"])
 
     with tempfile.TemporaryDirectory() as tmp:
-        train(unet(), make_process("ddpm"), data, None, cfg, checkpoint_dir=Path(tmp),
+        train(unet(model), make_process("ddpm"), data, None, cfg, checkpoint_dir=Path(tmp),
               config_hash="bench", dist=setup_distributed(), progress=False, on_log=on_log)
-    return batch * steps / (stamps[steps + 5] - stamps[5])
+    rate = batch * steps / (stamps[steps + WARMUP_STEPS] - stamps[WARMUP_STEPS])
+    return rate, sum(losses) / len(losses)
 
 
 def bare_forward_s(net: torch.nn.Module, x: torch.Tensor, repeats: int = 10) -> float:
     t = torch.full((x.shape[0],), 0.5, device=x.device)
     with torch.no_grad():
-        net(x, t)
+        for _ in range(2):
+            net(x, t)
         sync(x.device)
         start = time.perf_counter()
         for _ in range(repeats):
@@ -83,16 +108,21 @@ def bare_forward_s(net: torch.nn.Module, x: torch.Tensor, repeats: int = 10) -> 
     return (time.perf_counter() - start) / repeats
 
 
-def overheads(device: torch.device, n: int) -> list[tuple[str, int, int, float, float]]:
-    net = unet().to(device).eval()
+def overheads(device: torch.device, n: int, graphs: bool = False
+              ) -> list[tuple[str, int, int, float, float]]:
+    """Per sampler: (label, steps, NFE, wall s, overhead). With ``graphs`` the network is a
+    :class:`CUDAGraphNet` and its bare forward is a graph replay too (same callable)."""
+    net: torch.nn.Module = unet().to(device).eval()
+    if graphs:
+        net = CUDAGraphNet(net)
     process = make_process("ddpm")
     denoiser = Denoiser(net, process, "eps")
     forward = bare_forward_s(net, torch.randn(n, 1, 28, 28, device=device))
     rows = []
     for label, sampler, steps, settings in SAMPLERS:
         with torch.no_grad():
-            generate(denoiser, process, sampler, shape=(1, 28, 28), seeds=range(2), steps=steps,
-                     device=device, **settings)  # warm-up
+            generate(denoiser, process, sampler, shape=(1, 28, 28), seeds=range(n), steps=2,
+                     device=device, **settings)  # warm-up (and graph capture) at this batch
             sync(device)
             start = time.perf_counter()
             out = generate(denoiser, process, sampler, shape=(1, 28, 28), seeds=range(n),
@@ -103,47 +133,99 @@ def overheads(device: torch.device, n: int) -> list[tuple[str, int, int, float, 
     return rows
 
 
+TRAIN_CONFIGS = [  # (label, compile, compile mode, bf16, channels_last); CUDA runs them all
+    ("eager fp32", False, "default", False, False),
+    ("eager bf16", False, "default", True, False),
+    ("eager bf16 channels_last", False, "default", True, True),
+    ("compiled fp32", True, "default", False, False),
+    ("compiled bf16", True, "default", True, False),
+    ("compiled bf16 channels_last", True, "default", True, True),
+    ("compiled fp32 reduce-overhead", True, "reduce-overhead", False, False),
+    ("compiled bf16 reduce-overhead", True, "reduce-overhead", True, False),
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="CPU-sized batches")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile on CPU (its compilation takes minutes)")
+    parser.add_argument("--skip-train", action="store_true", help="only the samplers")
+    parser.add_argument("--skip-samplers", action="store_true", help="only training")
+    parser.add_argument("--model", choices=sorted(MODELS), default="mnist",
+                        help="the network to train (samplers always use mnist)")
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated training configurations to run (default: all)")
+    parser.add_argument("--batch", type=int, default=None, help="training batch size")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
     device = default_device()
     small = args.small or device.type != "cuda"
     batch, n = (32, 64) if small else (256, 1000)
-    steps = args.steps or (10 if small else 100)
+    batch = args.batch or batch
+    steps = args.steps or (10 if small else 200)
+    steps = max(WARMUP_STEPS, steps // WARMUP_STEPS * WARMUP_STEPS)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     lines = [
-        f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}"
-        f" ({device.type}), torch {torch.__version__}, threads {torch.get_num_threads()}",
+        f"device: {name} ({device.type}), torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, TF32 matmul "
+        f"{torch.backends.cuda.matmul.allow_tf32 if device.type == 'cuda' else '-'}",
         f"command: {' '.join(['python', *sys.argv])}",
         "",
-        f"| training (batch {batch}) | images/s | vs eager fp32 |",
-        "|---|---|---|",
     ]
-    configs = [("eager fp32", False, False)]
-    if device.type == "cuda" or args.compile:
-        configs.append(("compiled fp32", True, False))
-    if device.type == "cuda":
-        configs += [("eager bf16", False, True), ("compiled bf16", True, True)]
-    base = None
-    for label, compile_, bf16 in configs:
-        try:
-            rate = train_rate(device, batch, steps, compile_, bf16)
-        except Exception as exc:  # noqa: BLE001 - e.g. no C compiler for torch.compile
-            lines.append(f"| {label} | failed: {str(exc).splitlines()[0][:60]} | - |")
-            continue
-        base = base or rate
-        lines.append(f"| {label} | {rate:.0f} | {rate / base:.2f} |")
-    lines += ["", f"| sampler ({n} images) | steps | NFE | wall s | overhead |", "|---|---|---|---|---|"]
-    for label, steps_, nfe, wall, ratio in overheads(device, n):
-        lines.append(f"| {label} | {steps_} | {nfe} | {wall:.2f} | {ratio:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = ROOT / "benchmarks" / "results" / f"throughput_{device.type}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    part = "_train" if args.skip_samplers else "_samplers" if args.skip_train else ""
+    part += "" if args.model == "mnist" else f"_{args.model}"
+    out_files = [ROOT / "benchmarks" / "results" / f"throughput_{device.type}{part}.md"]
+    if args.out is not None:
+        out_files.append(args.out / out_files[0].name)
+
+    def flush() -> None:  # write what is measured so far (a killed run keeps its rows)
+        text = "\n".join(lines) + "\n"
+        for path in out_files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+    if not args.skip_train:
+        lines += [f"| training, {args.model} model (batch {batch}, {steps} timed steps) | images/s "
+                  "| vs eager fp32 "
+                  "| mean loss |", "|---|---|---|---|"]
+        configs = [c for c in TRAIN_CONFIGS
+                   if device.type == "cuda" or (not c[3] and not c[4]
+                                                 and (not c[1] or args.compile)
+                                                 and c[2] == "default")]
+        if args.configs:
+            wanted = [c.strip() for c in args.configs.split(",")]
+            unknown = set(wanted) - {c[0] for c in TRAIN_CONFIGS}
+            if unknown:
+                parser.error(f"unknown configurations {sorted(unknown)}")
+            configs = [c for c in configs if c[0] in wanted]
+        base = None
+        for label, compile_, mode, bf16, channels_last in configs:
+            try:
+                rate, loss = train_rate(device, batch, steps, compile_, bf16, channels_last, mode,
+                                        args.model)
+            except Exception as exc:  # noqa: BLE001 - e.g. no C compiler for torch.compile
+                lines.append(f"| {label} | failed: {str(exc).splitlines()[0][:60]} | - | - |")
+                flush()
+                continue
+            base = base or rate
+            lines.append(f"| {label} | {rate:.0f} | {rate / base:.2f} | {loss:.4f} |")
+            print(lines[-1], flush=True)
+            flush()
+        lines.append("")
+    variants = [("eager", False)] + ([("CUDA graph", True)] if device.type == "cuda" else [])
+    if args.skip_samplers:
+        variants = []
+    if variants:
+        lines += [f"| sampler ({n} images) | network | steps | NFE | wall s | overhead |",
+                  "|---|---|---|---|---|---|"]
+    for net_label, graphs in variants:
+        for label, steps_, nfe, wall, ratio in overheads(device, n, graphs):
+            lines.append(f"| {label} | {net_label} | {steps_} | {nfe} | {wall:.2f} | {ratio:.2f} |")
+            print(lines[-1], flush=True)
+            flush()
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

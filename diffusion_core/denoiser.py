@@ -9,6 +9,7 @@ VP/DDPM, essential for VE where ``sigma`` reaches 50.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Protocol
 
 import torch
@@ -31,9 +32,11 @@ class DenoiserLike(Protocol):
     def __call__(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> DenoiserOutput: ...
 
 
-def input_scale(alpha: Tensor, sigma: Tensor) -> Tensor:
+def input_scale(alpha: Tensor | float, sigma: Tensor | float) -> Tensor | float:
     """``c_in = 1 / sqrt(alpha^2 + sigma^2)``: the inverse std of ``x_t`` for unit-variance data."""
-    return torch.rsqrt(alpha**2 + sigma**2)
+    if isinstance(alpha, float) and isinstance(sigma, float):
+        return 1.0 / math.sqrt(alpha**2 + sigma**2)
+    return torch.rsqrt(torch.as_tensor(alpha**2 + sigma**2))
 
 
 def time_batch(t: Tensor | float, x: Tensor) -> Tensor:
@@ -42,6 +45,34 @@ def time_batch(t: Tensor | float, x: Tensor) -> Tensor:
     if t.dim() == 0:
         t = t.expand(x.shape[0])
     return t
+
+
+def scalar_time(t: Tensor | float) -> float | None:
+    """``t`` as a Python float when it is ONE time held on the host, else ``None``.
+
+    Samplers step on host-side grids, so every coefficient of a step can be computed on the
+    host and passed to the device as a kernel argument: no host-to-device copy, hence no
+    synchronisation, inside the sampling loop (on CUDA the host then queues work ahead of the
+    GPU). A time already on an accelerator is never read back (that would synchronise)."""
+    if isinstance(t, int | float):
+        return float(t)
+    if isinstance(t, Tensor) and t.dim() == 0 and t.device.type == "cpu":
+        return float(t)
+    return None
+
+
+def process_coeffs(process: NoiseProcess, t: Tensor | float, x: Tensor
+                   ) -> tuple[Tensor | float, Tensor | float, Tensor]:
+    """``(alpha(t), sigma(t), t_batch)`` for ``x``: Python floats for one host-side time
+    (:func:`scalar_time`), otherwise per-sample tensors broadcast against ``x``; ``t_batch`` is
+    the ``(B,)`` float64 time batch on x's device either way."""
+    ts = scalar_time(t)
+    if ts is not None:
+        t64 = torch.tensor(ts, dtype=torch.float64)
+        alpha, sigma = float(process.alpha(t64)), float(process.sigma(t64))
+        return alpha, sigma, torch.full((x.shape[0],), ts, dtype=torch.float64, device=x.device)
+    tb = time_batch(t, x)
+    return broadcast(process.alpha(tb), x), broadcast(process.sigma(tb), x), tb
 
 
 class Denoiser(nn.Module):
@@ -66,10 +97,8 @@ class Denoiser(nn.Module):
         return getattr(self.net, "null_label", None)
 
     def forward(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None) -> DenoiserOutput:
-        t = time_batch(t, x)
-        alpha = broadcast(self.process.alpha(t), x)
-        sigma = broadcast(self.process.sigma(t), x)
-        out = self.net(x * input_scale(alpha, sigma), t.to(x.dtype), labels)
+        alpha, sigma, tb = process_coeffs(self.process, t, x)
+        out = self.net(x * input_scale(alpha, sigma), tb.to(x.dtype), labels)
         return DenoiserOutput(*eps_x0_from_prediction(self.prediction, out, x, alpha, sigma))
 
 
@@ -90,8 +119,6 @@ class ClipX0:
 
     def __call__(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None) -> DenoiserOutput:
         out = self.denoiser(x, t, labels)
-        tb = time_batch(t, x)
-        alpha = broadcast(self.process.alpha(tb), x)
-        sigma = broadcast(self.process.sigma(tb), x)
+        alpha, sigma, _ = process_coeffs(self.process, t, x)
         x0 = out.x0.clamp(-self.value, self.value)
         return DenoiserOutput(eps_from_x0(x, x0, alpha, sigma), x0)

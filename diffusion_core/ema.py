@@ -62,20 +62,43 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """One step ``theta_ema <- d_k theta_ema + (1 - d_k) theta`` over all float parameters."""
+        """One step ``theta_ema <- d_k theta_ema + (1 - d_k) theta`` over all float parameters.
+
+        The averaging is one multi-tensor (``torch._foreach_*``) multiply and add over all
+        parameters, not two kernels per parameter: on a GPU a small model's per-parameter loop
+        costs more launches than its forward pass. Element by element it is the same arithmetic.
+        """
         d = self.current_decay()
         src = unwrap_model(model)
-        ema_params = dict(self.module.named_parameters())
-        for name, p in src.named_parameters():
-            e = ema_params[name]
-            if e.dtype.is_floating_point:
-                e.mul_(d).add_(p.detach().to(e.dtype), alpha=1.0 - d)
-            else:
-                e.copy_(p)
-        ema_buffers = dict(self.module.named_buffers())
-        for name, b in src.named_buffers():
-            ema_buffers[name].copy_(b)
+        pairs = self._pairs(src)
+        if pairs["float"][0]:
+            ema_f, src_f = pairs["float"]
+            torch._foreach_mul_(ema_f, d)
+            torch._foreach_add_(ema_f, [p.detach().to(e.dtype) for p, e in zip(src_f, ema_f,
+                                                                                strict=True)],
+                                alpha=1.0 - d)
+        for e, p in zip(*pairs["copy"], strict=True):
+            e.copy_(p)
         self.num_updates += 1
+
+    def _pairs(self, src: nn.Module) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Matching (EMA, source) tensors by name, found once per source model: floating-point
+        parameters are averaged, other parameters and all buffers copied."""
+        if getattr(self, "_pairs_of", None) is not src:
+            ema_params = dict(self.module.named_parameters())
+            ema_buffers = dict(self.module.named_buffers())
+            avg: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+            copy_: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+            for name, p in src.named_parameters():
+                e = ema_params[name]
+                target = avg if e.dtype.is_floating_point else copy_
+                target[0].append(e)
+                target[1].append(p)
+            for name, b in src.named_buffers():
+                copy_[0].append(ema_buffers[name])
+                copy_[1].append(b)
+            self._pairs_of, self._pair_lists = src, {"float": avg, "copy": copy_}
+        return self._pair_lists
 
     def copy_to(self, model: nn.Module) -> None:
         """Load the averaged weights into ``model`` (same architecture)."""

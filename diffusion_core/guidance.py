@@ -14,9 +14,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffusion_core.denoiser import DenoiserLike, DenoiserOutput, time_batch
+from diffusion_core.denoiser import (
+    DenoiserLike,
+    DenoiserOutput,
+    process_coeffs,
+    scalar_time,
+    time_batch,
+)
 from diffusion_core.parameterization import x0_from_eps
-from diffusion_core.processes import broadcast
 
 
 class ClassifierFreeGuidance:
@@ -43,11 +48,11 @@ class ClassifierFreeGuidance:
             return self.denoiser(x, t, None)
         if self.w == 0.0:
             return self.denoiser(x, t, labels)
-        t = time_batch(t, x)
         null = torch.full_like(labels, self.null_label)
-        out = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+        # one host-side time stays a scalar (no device copy); per-sample times are doubled
+        t2 = t if scalar_time(t) is not None else torch.cat([time_batch(t, x)] * 2)
+        out = self.denoiser(torch.cat([x, x]), t2, torch.cat([labels, null]))
         eps_c, eps_u = out.eps.chunk(2)
         eps = (1.0 + self.w) * eps_c - self.w * eps_u
-        alpha = broadcast(self.process.alpha(t), x)
-        sigma = broadcast(self.process.sigma(t), x)
+        alpha, sigma, _ = process_coeffs(self.process, t, x)
         return DenoiserOutput(eps, x0_from_eps(x, eps, alpha, sigma))

@@ -394,6 +394,18 @@ class DiscreteDDPM(NoiseProcess):
         self._log_abar = torch.cat([torch.zeros(1, dtype=torch.float64),
                                     torch.log(self.alphas_cumprod)])
         self.t_min = 1.0 / num_steps
+        self._device_tables: dict[tuple[str, str], Tensor] = {}
+
+    def _table(self, name: str, device: torch.device) -> Tensor:
+        """The float64 table ``name`` on ``device``, copied there once (not on every call: a
+        host-to-device copy per step would synchronise a GPU sampling loop)."""
+        if device.type == "cpu":
+            return getattr(self, name)
+        tables = self.__dict__.setdefault("_device_tables", {})
+        key = (name, str(device))
+        if key not in tables:
+            tables[key] = getattr(self, name).to(device)
+        return tables[key]
 
     # ---------------------------------------------------------------- piecewise-linear log alpha
     def _locate(self, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -403,7 +415,7 @@ class DiscreteDDPM(NoiseProcess):
 
     def log_alpha(self, t: Tensor) -> Tensor:
         lo, frac = self._locate(t)
-        la = self._log_abar.to(lo.device)
+        la = self._table("_log_abar", lo.device)
         return 0.5 * (la[lo] + frac * (la[lo + 1] - la[lo]))
 
     def sigma(self, t: Tensor) -> Tensor:
@@ -413,7 +425,7 @@ class DiscreteDDPM(NoiseProcess):
         t = _as_tensor(t)
         # the interval (t_{i-1}, t_i] holding t uses beta_i
         idx = torch.ceil(t.clamp(0.0, 1.0) * self.num_steps - 1e-9).clamp(1, self.num_steps).long()
-        betas = self.betas.to(idx.device)
+        betas = self._table("betas", idx.device)
         return 0.5 * self.num_steps * torch.log1p(-betas[idx - 1])
 
     def g2(self, t: Tensor) -> Tensor:

@@ -48,6 +48,14 @@ def _shr(x: Tensor, k: int) -> Tensor:
     return (x >> k) & ((1 << (64 - k)) - 1)
 
 
+def mix64_int(x: int) -> int:
+    """:func:`mix64` on one Python integer (host arithmetic modulo 2^64), as a signed int64."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * (M1 & _MASK64)) & _MASK64
+    x = ((x ^ (x >> 27)) * (M2 & _MASK64)) & _MASK64
+    return _signed(x ^ (x >> 31))
+
+
 def mix64(x: Tensor) -> Tensor:
     """SplitMix64's finaliser on int64 tensors (multiplication wraps modulo 2^64)."""
     x = (x ^ _shr(x, 30)) * M1
@@ -67,6 +75,7 @@ class StackedRNG:
         keys = [_signed(s * G1) for s in self.seeds]
         self._keys = torch.tensor(keys, dtype=torch.int64, device=self.device)
         self.draws = 0
+        self._offsets: dict[int, Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -75,9 +84,13 @@ class StackedRNG:
         """One 64-bit word per element of ``(len(self), *shape)`` for the next draw."""
         self.draws += 1
         count = math.prod(shape)
-        counter = mix64(torch.tensor(_signed(self.draws * G2), dtype=torch.int64))
-        stream = mix64(self._keys + counter.to(self.device))  # one key per image
-        j = torch.arange(1, count + 1, device=self.device, dtype=torch.int64) * G3
+        # the draw's counter is host arithmetic passed as a kernel argument: no device copy
+        counter = mix64_int(self.draws * G2)
+        stream = mix64(self._keys + counter)  # one key per image
+        j = self._offsets.get(count)
+        if j is None:  # (j + 1) * G3 for the elements, made once per shape
+            j = torch.arange(1, count + 1, device=self.device, dtype=torch.int64) * G3
+            self._offsets[count] = j
         words = mix64(stream[:, None] + j[None, :])
         return words.view(len(self), *shape)
 

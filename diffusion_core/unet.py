@@ -299,7 +299,12 @@ class UNet(nn.Module):
             labels = labels.reshape(1).expand(batch)
         if labels.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
+        # the value check reads the labels on the host: free on the CPU, a synchronisation per
+        # call on a GPU (and impossible inside a CUDA graph), so device labels are checked once
+        # where they enter, by ``samplers.generate`` and ``training.train``
+        on_host = labels.device.type == "cpu"
+        if on_host and labels.numel() and (int(labels.min()) < 0
+                                           or int(labels.max()) > self.num_classes):
             bad = labels[(labels < 0) | (labels > self.num_classes)][0].item()
             raise ValueError(
                 f"label {bad} outside [0, {self.num_classes}] "

@@ -97,7 +97,11 @@ class TrainParams(_Section):
     nproc: int = Field(ge=1)
     threads_per_proc: int = Field(ge=1)
     mixed_precision: Literal["no", "bf16", "auto"]
-    compile: bool
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the model; auto = on one CUDA device only")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "reduce-overhead"
+    channels_last: bool = False
     checkpoint_every: int = Field(ge=1)
     keep_last: int = Field(ge=1)
     log_every: int = Field(ge=1)

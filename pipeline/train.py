@@ -75,6 +75,8 @@ def train_config(params: Params) -> TrainConfig:
         prediction=params.model.prediction,
         mixed_precision=t.mixed_precision,
         compile=t.compile,
+        compile_mode=t.compile_mode,
+        channels_last=t.channels_last,
         checkpoint_every=t.checkpoint_every,
         keep_last=t.keep_last,
         log_every=t.log_every,

@@ -75,6 +75,22 @@ def compatible(sampler: str, process: NoiseProcess, steps: int | None = None) ->
     return None
 
 
+def check_labels(denoiser, labels: Tensor, n: int) -> None:
+    """Class labels for ``n`` images, checked on the host once (the network does not check
+    device labels: that would synchronise every step)."""
+    if labels.shape != (n,) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be {n} integers, got {labels.dtype} {tuple(labels.shape)}")
+    inner = denoiser  # look through guidance and clipping wrappers to the network's classes
+    while not hasattr(inner, "num_classes") and hasattr(inner, "denoiser"):
+        inner = inner.denoiser
+    classes = int(getattr(inner, "num_classes", 0) or 0)
+    if classes and labels.numel():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi > classes:
+            raise ValueError(f"labels must lie in [0, {classes}] ({classes} classes and the "
+                             f"null label {classes}), got {lo if lo < 0 else hi}")
+
+
 def generate(
     denoiser,
     process: NoiseProcess,
@@ -106,6 +122,7 @@ def generate(
     x_T = process.prior_sample((len(seeds), *shape), rng, device=device)
     grid = process.time_grid(2 if sampler == "ode_rk45" else steps, spacing, device="cpu")
     if labels is not None:
+        check_labels(denoiser, labels, len(seeds))
         labels = labels.to(device)
     if clip_x0:
         denoiser = ClipX0(denoiser)

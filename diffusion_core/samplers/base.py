@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -20,10 +20,26 @@ class SampleResult(NamedTuple):
     nfe: int
 
 
-def coeffs(process: NoiseProcess, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Scalar ``(alpha(t), sigma(t))`` in x's dtype and device."""
+def coeffs(process: NoiseProcess, t: Tensor | float) -> tuple[float, float]:
+    """``(alpha(t), sigma(t))`` of one grid time as Python floats.
+
+    Grids live on the host, so a step's coefficients are host arithmetic in float64 and reach
+    the device as kernel arguments: no host-to-device copy (which would synchronise a CUDA
+    sampling loop) and no work that grows with the batch."""
     t = torch.as_tensor(t, dtype=torch.float64)
-    return (process.alpha(t).to(x.device, x.dtype), process.sigma(t).to(x.device, x.dtype))
+    return float(process.alpha(t)), float(process.sigma(t))
+
+
+def combine(terms: Sequence[tuple[float, Tensor]]) -> Tensor:
+    """``sum_k c_k T_k`` for host-side float coefficients: one multiply, then one fused
+    multiply-add per further term (``Tensor.add_(T, alpha=c)``), so an update of any order costs
+    as many passes over the batch as it has tensors, and no temporaries beyond its result."""
+    (c0, t0), *rest = terms
+    out = t0 * c0
+    for c, t in rest:
+        if c != 0.0:
+            out.add_(t, alpha=c)
+    return out
 
 
 def report(callback: Callback | None, i: int, t: Tensor, x: Tensor, x0_pred: Tensor) -> None:

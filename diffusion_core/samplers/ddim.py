@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -40,9 +42,9 @@ def ddim(
         if s <= 0:
             x = out.x0
         else:
-            a_s, sig_s = coeffs(process, s, x)
-            c = eta * process.posterior(s, t)[2].to(x.device, x.dtype).sqrt()
-            x = a_s * out.x0 + (sig_s**2 - c**2).clamp_min(0).sqrt() * out.eps
+            a_s, sig_s = coeffs(process, s)
+            c = eta * math.sqrt(float(process.posterior(s, t)[2]))
+            x = a_s * out.x0 + math.sqrt(max(sig_s**2 - c**2, 0.0)) * out.eps
             if eta > 0:
                 x = x + c * randn_like(x, rng)
         report(callback, i, t, x, out.x0)
@@ -76,7 +78,7 @@ def ddim_invert(
         s, t = up[i], up[i + 1]
         out = denoiser(x, s, labels)
         nfe += 1
-        a_t, sig_t = coeffs(process, t, x)
+        a_t, sig_t = coeffs(process, t)
         x = a_t * out.x0 + sig_t * out.eps
         report(callback, i, t, x, out.x0)
     return SampleResult(x, nfe)

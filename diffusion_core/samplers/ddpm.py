@@ -14,6 +14,7 @@ where ``alpha_{t|s} = alpha_t / alpha_s`` and ``sigma_{t|s}^2 = sigma_t^2 - alph
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -47,10 +48,10 @@ def ddpm(
         if s <= 0:
             x = out.x0
         else:
-            c_t, c_0, var = (v.to(x.device, x.dtype) for v in process.posterior(s, t))
-            mean = c_t * x + c_0 * out.x0
+            # host-side float64 coefficients: no device copy or sync inside the loop
+            c_t, c_0, var = (float(v) for v in process.posterior(s, t))
             if variance == "beta":
-                var = process.transition(s, t)[1].to(x.device, x.dtype)
-            x = mean + var.sqrt() * randn_like(x, rng)
+                var = float(process.transition(s, t)[1])
+            x = c_t * x + c_0 * out.x0 + math.sqrt(var) * randn_like(x, rng)
         report(callback, i, t, x, out.x0)
     return SampleResult(x, nfe)

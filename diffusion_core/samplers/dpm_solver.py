@@ -34,7 +34,7 @@ from torch import Tensor
 
 from diffusion_core.denoiser import DenoiserLike
 from diffusion_core.rng import randn_like
-from diffusion_core.samplers.base import Callback, SampleResult, check_grid, report
+from diffusion_core.samplers.base import Callback, SampleResult, check_grid, combine, report
 
 #: with fewer steps than this, the step before the last is at most second order
 LOWER_ORDER_FINAL_BELOW = 15
@@ -70,28 +70,32 @@ def dpmpp_update(x: Tensor, ds: list[Tensor], lams: list[float], lam_s: float,
         return d0
     h = lam_s - lam_t
     order = len(ds)
+    # every form is x_s = c_x x + sum_k w_k D_k (+ c_z z): host-side coefficients, one pass each
     if noise is not None:
-        em = -torch.expm1(torch.tensor(-2.0 * h, dtype=torch.float64)).item()  # 1 - e^{-2h}
-        d = d0
+        em = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
+        w = [a_s * em]  # on D_0, then D_{-1}
         if order >= 2:
-            r = (lam_t - lams[-2]) / h
-            d = d0 + (d0 - ds[-2]) / (2.0 * r)
-        return (s_s / s_t) * math.exp(-h) * x + a_s * em * d + s_s * em**0.5 * noise
-    e = torch.expm1(torch.tensor(-h, dtype=torch.float64)).item()  # e^{-h} - 1
+            k = a_s * em / (2.0 * (lam_t - lams[-2]) / h)
+            w = [w[0] + k, -k]
+        terms = [((s_s / s_t) * math.exp(-h), x), *zip(w, reversed(ds[-2:]), strict=True),
+                 (s_s * em**0.5, noise)]
+        return combine(terms)
+    e = math.expm1(-h)  # e^{-h} - 1
     h_phi1 = -e
-    x_s = (s_s / s_t) * x + a_s * h_phi1 * d0
+    w = [a_s * h_phi1, 0.0, 0.0]  # weights on D_0, D_{-1}, D_{-2}
     if order == 2:
-        r = (lam_t - lams[-2]) / h
-        x_s = x_s + a_s * h_phi1 * (d0 - ds[-2]) / (2.0 * r)
+        k = a_s * h_phi1 / (2.0 * (lam_t - lams[-2]) / h)
+        w = [w[0] + k, -k, 0.0]
     elif order == 3:
         r0, r1 = (lam_t - lams[-2]) / h, (lams[-2] - lams[-3]) / h
-        d1_0, d1_1 = (d0 - ds[-2]) / r0, (ds[-2] - ds[-3]) / r1
-        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-        d2 = (d1_0 - d1_1) / (r0 + r1)
+        d1_0 = [1.0 / r0, -1.0 / r0, 0.0]  # first divided differences, as weights on D_k
+        d1_1 = [0.0, 1.0 / r1, -1.0 / r1]
+        d1 = [a + r0 / (r0 + r1) * (a - b) for a, b in zip(d1_0, d1_1, strict=True)]
+        d2 = [(a - b) / (r0 + r1) for a, b in zip(d1_0, d1_1, strict=True)]
         h_phi2 = e / h + 1.0
         h_phi3 = (e + h) / h**2 - 0.5
-        x_s = x_s + a_s * h_phi2 * d1 - a_s * h_phi3 * d2
-    return x_s
+        w = [w0 + a_s * h_phi2 * a - a_s * h_phi3 * b for w0, a, b in zip(w, d1, d2, strict=True)]
+    return combine([((s_s / s_t), x), *zip(w[:order], reversed(ds), strict=True)])
 
 
 def _dpmpp_multistep(denoiser: DenoiserLike, process, x: Tensor, grid: Tensor, *, order: int,

@@ -8,6 +8,8 @@ App. G "denoising").
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -17,7 +19,8 @@ from diffusion_core.rng import randn_like
 from diffusion_core.samplers.base import Callback, SampleResult, check_grid, coeffs, report
 
 
-def langevin_step_size(snr: float, sigma: Tensor | float, a: Tensor | float = 1.0) -> Tensor:
+def langevin_step_size(snr: float, sigma: Tensor | float, a: Tensor | float = 1.0
+                       ) -> Tensor | float:
     """``eps_step = 2 a (snr sigma_t)^2``: Song et al. 2021 (Alg. 4-5) set
     ``eps_step = 2 a (snr ||z|| / ||score||)^2``; with ``score = -eps / sigma_t`` and a network
     ``eps`` of white noise's norm, ``||z|| / ||score|| = sigma_t``. Unlike the norms (per image
@@ -25,7 +28,7 @@ def langevin_step_size(snr: float, sigma: Tensor | float, a: Tensor | float = 1.
     corrector is a plain unadjusted Langevin chain (whose stationary law, for a Gaussian target
     of variance v, has variance ``v / (1 - eps_step / (2 v))``) and images stay independent of
     their batch."""
-    return 2.0 * torch.as_tensor(a) * (snr * torch.as_tensor(sigma)) ** 2
+    return 2.0 * a * (snr * sigma) ** 2
 
 
 @torch.no_grad()
@@ -50,12 +53,11 @@ def euler_maruyama(
         if s <= 0:
             x = out.x0
         else:
-            _, sig_t = coeffs(process, t, x)
-            f = process.f(t).to(x.device, x.dtype)
-            g2 = process.g2(t).to(x.device, x.dtype)
-            h = (t - s).to(x.device, x.dtype)
+            _, sig_t = coeffs(process, t)
+            f, g2 = float(process.f(t.double())), float(process.g2(t.double()))
+            h = float(t - s)
             score = score_from_eps(out.eps, sig_t)
-            x = x - (f * x - g2 * score) * h + (g2 * h).sqrt() * randn_like(x, rng)
+            x = x - (f * x - g2 * score) * h + math.sqrt(g2 * h) * randn_like(x, rng)
         report(callback, i, t, x, out.x0)
     return SampleResult(x, nfe)
 
@@ -70,17 +72,17 @@ def langevin_correct(
     rng=None,
     snr: float = 0.16,
     steps: int = 1,
-    a: Tensor | float = 1.0,
+    a: float = 1.0,
 ) -> Tensor:
     """Langevin corrector (Song et al. 2021, Algorithms 4-5) at a fixed time t:
     ``x <- x + eps_step score + sqrt(2 eps_step) z`` with the state-independent
     ``eps_step = 2 a (snr sigma_t)^2`` of :func:`langevin_step_size`. Costs ``steps``
     evaluations."""
-    sigma = denoiser.process.sigma(torch.as_tensor(t, dtype=torch.float64)).to(x.device, x.dtype)
-    step = langevin_step_size(snr, sigma, a).to(x.device, x.dtype)
+    sigma = float(denoiser.process.sigma(torch.as_tensor(t, dtype=torch.float64)))
+    step = float(langevin_step_size(snr, sigma, float(a)))
     for _ in range(steps):
         score = score_from_eps(denoiser(x, t, labels).eps, sigma)
-        x = x + step * score + (2 * step).sqrt() * randn_like(x, rng)
+        x = x + step * score + math.sqrt(2 * step) * randn_like(x, rng)
     return x
 
 
@@ -114,11 +116,11 @@ def predictor_corrector(
     nfe = 0
     for i in range(grid.numel() - 1):
         t, s = grid[i], grid[i + 1]
-        a_t, sig_t = coeffs(process, t, x)
+        a_t, sig_t = coeffs(process, t)
         if s > 0:
-            a_s, sig_s = coeffs(process, s, x)
+            a_s, sig_s = coeffs(process, s)
             a_ts = a_t / a_s
-            var_ts = (sig_t**2 - a_ts**2 * sig_s**2).clamp_min(0)
+            var_ts = max(sig_t**2 - a_ts**2 * sig_s**2, 0.0)
             x = langevin_correct(denoiser, x, t, labels=labels, rng=rng, snr=snr,
                                  steps=corrector_steps, a=a_ts**2)
             nfe += corrector_steps
@@ -128,6 +130,6 @@ def predictor_corrector(
             x = out.x0
         else:
             score = score_from_eps(out.eps, sig_t)
-            x = (x + var_ts * score) / a_ts + var_ts.sqrt() * randn_like(x, rng)
+            x = (x + var_ts * score) / a_ts + math.sqrt(var_ts) * randn_like(x, rng)
         report(callback, i, t, x, out.x0)
     return SampleResult(x, nfe)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from diffusion_core.denoiser import DenoiserLike
-from diffusion_core.samplers.base import Callback, SampleResult, check_grid, report
+from diffusion_core.samplers.base import Callback, SampleResult, check_grid, combine, report
 from diffusion_core.samplers.dpm_solver import half_log_snr
 
 
@@ -54,14 +54,20 @@ def unipc_update(x: Tensor, ds: list[Tensor], lams: list[float], lam_s: float, a
         return d0
     h = lam_s - lam_t
     rs = [(lam - lam_t) / h for lam in reversed(lams[:-1])]
-    diffs = [(d - d0) / r for d, r in zip(reversed(ds[:-1]), rs, strict=True)]
+    nodes = list(reversed(ds[:-1]))
     if d_new is not None:
-        rs, diffs = rs + [1.0], diffs + [d_new - d0]
-    x_s = (s_s / s_t) * x - a_s * math.expm1(-h) * d0
-    if not diffs:
-        return x_s
-    weights, b_h = unipc_weights(h, rs)
-    return x_s - a_s * b_h * sum(w * d for w, d in zip(weights, diffs, strict=True))
+        rs, nodes = rs + [1.0], nodes + [d_new]
+    # x_s = (s_s/s_t) x - a_s expm1(-h) D_0 - a_s B(-h) sum_k a_k (D_k - D_0) / r_k, written as
+    # one weight per tensor (host-side floats) and summed in one pass per tensor
+    w0 = -a_s * math.expm1(-h)
+    terms: list[tuple[float, Tensor]] = []
+    if nodes:
+        weights, b_h = unipc_weights(h, rs)
+        for a_k, r_k, d_k in zip(weights, rs, nodes, strict=True):
+            c = a_s * b_h * a_k / r_k
+            terms.append((-c, d_k))
+            w0 += c
+    return combine([(s_s / s_t, x), (w0, d0), *terms])
 
 
 @torch.no_grad()

@@ -314,3 +314,18 @@ def test_ddp_signal_on_one_rank_stops_all_and_resume_matches(ddp_run):
     _assert_equal_weights(
         _weights(ddp_run / "full" / "model.pt"), _weights(ddp_run / "resume" / "model.pt")
     )
+
+
+def test_compile_auto_means_one_cuda_device_only():
+    from diffusion_core.training import use_compile
+
+    auto = TrainConfig(compile="auto")
+    assert use_compile(auto, torch.device("cuda"), 1)
+    assert not use_compile(auto, torch.device("cuda"), 2)  # DDP: not measured, stays eager
+    assert not use_compile(auto, torch.device("cpu"), 1)
+    assert use_compile(TrainConfig(compile=True), torch.device("cpu"), 1)
+    assert not use_compile(TrainConfig(compile=False), torch.device("cuda"), 1)
+    with pytest.raises(ValueError, match="compile"):
+        TrainConfig(compile="sometimes")
+    with pytest.raises(ValueError, match="compile_mode"):
+        TrainConfig(compile_mode="fast")
