@@ -63,13 +63,14 @@ the pipeline wires them to files. The protocol they implement:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
 __all__ = [
+    "SCORES",
     "Estimate",
     "FloorEstimate",
     "ReferenceStatistics",
@@ -93,6 +94,8 @@ VERDICT_REAL = "indistinguishable from real data at this n"
 VERDICT_WORSE = "worse than floor"
 VERDICT_BELOW = "below floor (check near copies)"
 _CHUNK_ELEMENTS = 4_000_000  # floats per temporary array in the chunked computations
+#: what :func:`score_features` computes, in order; its ``callback`` sees each name when done
+SCORES = ("fid", "fid_floor", "kid", "kid_floor", "prdc", "prdc_floor")
 
 
 _THREADPOOLS: list[ThreadpoolController] = []
@@ -492,6 +495,7 @@ def score_features(
     confidence: float = 0.95,
     kid_subsets: int = 100,
     seed: int = 0,
+    callback: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Every feature-space score of ``samples`` against the reference half, with the floor half.
 
@@ -503,18 +507,24 @@ def score_features(
     the same subset size for both); ``precision``, ``recall``, ``density``, ``coverage`` and
     their ``*_floor`` values on the first ``prdc_n = min(n, |F|)`` images of each set
     (:func:`prdc`; both at the same size, since recall and coverage grow with it).
+    ``callback(name)`` follows each of :data:`SCORES` (for progress: the bootstraps take the time).
     """
+    done = callback if callback is not None else (lambda name: None)
     samples = _as_features(samples, "samples")
     reference, floor = _as_features(reference, "reference"), _as_features(floor, "floor")
     n = samples.shape[0]
     stats = ReferenceStatistics(reference)
     fid = fid_interval(samples, stats, draws=draws, confidence=confidence, seed=seed)
+    done("fid")
     matched = min(n, floor.shape[0])
     fl = floor_fid(floor, stats, matched, draws=draws, confidence=confidence, seed=seed + 1)
+    done("fid_floor")
     z_samples, z_ref, z_floor = (standardise(x, reference) for x in (samples, reference, floor))
     m = kid_subset_size(n, reference.shape[0], floor.shape[0])
     kid_s = kid(z_samples, z_ref, subset_size=m, num_subsets=kid_subsets, seed=seed)
+    done("kid")
     kid_f = kid(z_floor, z_ref, subset_size=m, num_subsets=kid_subsets, seed=seed)
+    done("kid_floor")
     m_pr = min(n, floor.shape[0])
     out = {
         "fid": fid.value,
@@ -534,7 +544,9 @@ def score_features(
         "prdc_n": float(m_pr),
     }
     out.update(prdc(z_ref, z_samples[:m_pr]))
+    done("prdc")
     out.update({f"{k}_floor": v for k, v in prdc(z_ref, z_floor[:m_pr]).items()})
+    done("prdc_floor")
     return out
 
 

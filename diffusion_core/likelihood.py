@@ -22,6 +22,8 @@ dimension on the level scale (``log2 L`` bits/dim is a uniform guess).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,11 +53,14 @@ def ode_log_likelihood(
     atol: float = 1e-5,
     exact_trace: bool = False,
     prior_logp=None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Tensor, int]:
     """``log p_{t_min}(x)`` in nats per image (float64) and the number of ODE evaluations.
 
     ``prior_logp`` replaces the process's prior ``log p_1`` (e.g. by the exact marginal in tests:
-    the prior only approximates ``p_1``, by ``alpha(1) ~ 0.007`` for the default VP-SDE)."""
+    the prior only approximates ``p_1``, by ``alpha(1) ~ 0.007`` for the default VP-SDE).
+    ``callback`` sees ``{nfe, t}`` after every evaluation: the evaluations so far and the earliest
+    time, from ``t_min`` to 1, that an image of the batch was evaluated at (for progress)."""
     shape = x.shape
     d = x[0].numel()
     if exact_trace:
@@ -65,7 +70,10 @@ def ode_log_likelihood(
     else:
         z = torch.randint(0, 2, shape, device=x.device).to(x.dtype) * 2 - 1
 
+    evaluations = 0
+
     def fn(y: Tensor, t: Tensor) -> Tensor:
+        nonlocal evaluations
         with torch.enable_grad():
             xi = y[:, :d].reshape(shape).detach().requires_grad_(True)
             v, _ = ode_velocity(denoiser, process, xi, t, labels)
@@ -74,6 +82,9 @@ def ode_log_likelihood(
             else:
                 vjp = torch.autograd.grad((v * z).sum(), xi)[0]
                 div = (vjp * z).flatten(1).sum(1)
+        evaluations += 1
+        if callback is not None:
+            callback({"nfe": evaluations, "t": float(t.min())})
         return torch.cat([v.detach().flatten(1), div.detach().reshape(-1, 1).to(v.dtype)], 1)
 
     y0 = torch.cat([x.flatten(1), torch.zeros(shape[0], 1, dtype=x.dtype, device=x.device)], 1)
@@ -96,12 +107,13 @@ def bits_per_dim(
     dtype: torch.dtype = torch.float32,
     exact_trace: bool = False,
     prior_logp=None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Tensor, int]:
     """Negative log-likelihood in bits/dim of integer images ``levels`` in ``0..num_levels-1``,
     per image: ``-(log p(x_k + Delta (u - 1/2)) + D log Delta) / (D ln 2)``, ``Delta = 2/(L-1)``.
 
-    ``u`` and the Hutchinson-Skilling probes come from per-image seeds; ``exact_trace`` and
-    ``prior_logp`` are passed to ``ode_log_likelihood``."""
+    ``u`` and the Hutchinson-Skilling probes come from per-image seeds; ``exact_trace``,
+    ``prior_logp`` and ``callback`` are passed to ``ode_log_likelihood``."""
     if levels.dtype.is_floating_point:
         raise ValueError("bits_per_dim expects integer pixel levels (e.g. uint8), not floats")
     if int(levels.min()) < 0 or int(levels.max()) >= num_levels:
@@ -113,7 +125,8 @@ def bits_per_dim(
     centres = from_levels(levels, num_levels).double()
     y = (centres + delta * (u - 0.5)).to(dtype)
     logp, nfe = ode_log_likelihood(denoiser, process, y, labels=labels, rng=rng, rtol=rtol,
-                                   atol=atol, exact_trace=exact_trace, prior_logp=prior_logp)
+                                   atol=atol, exact_trace=exact_trace, prior_logp=prior_logp,
+                                   callback=callback)
     d = y[0].numel()
     bpd = -(logp + d * math.log(delta)) / (d * math.log(2.0))
     return bpd, nfe

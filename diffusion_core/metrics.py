@@ -293,12 +293,14 @@ def extract_features(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     resize: str = "native",
+    callback: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Features ``(N, D)`` of ``images`` in ``[-1, 1]`` via ``cleanfid.fid.get_batch_features``.
 
     Images are quantised to 8 bits and presented as clean-fid presents images read from PNG files.
     ``resize="native"`` keeps the size (for ``CleanFIDFeatureExtractor``); ``"clean"`` applies
     clean-fid's PIL-bicubic 299x299 resize (for ``inception_extractor``). Runs on ``device``.
+    ``callback(k)`` follows each batch of ``k`` images (for progress).
     """
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(
@@ -309,12 +311,14 @@ def extract_features(
     device = _default_device(device)
     fn_resize = _resizer(resize)
     _prepare(extractor, device)
-    feats = [
-        cleanfid_fid.get_batch_features(
-            _cleanfid_batch(images[start : start + batch_size], fn_resize), extractor, device
+    feats = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start : start + batch_size]
+        feats.append(
+            cleanfid_fid.get_batch_features(_cleanfid_batch(batch, fn_resize), extractor, device)
         )
-        for start in range(0, images.shape[0], batch_size)
-    ]
+        if callback is not None:
+            callback(batch.shape[0])
     return np.concatenate(feats).astype(np.float64)
 
 

@@ -10,6 +10,7 @@ a given seed on CPU.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,11 +40,17 @@ def load_classifier(device: torch.device) -> FeatureClassifier:
 
 
 def features(
-    classifier: FeatureClassifier, images: torch.Tensor, batch_size: int, device: torch.device
+    classifier: FeatureClassifier,
+    images: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    callback: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """clean-fid features ``(N, feature_dim)`` (float64) of images in ``[-1, 1]``."""
+    """clean-fid features ``(N, feature_dim)`` (float64) of images in ``[-1, 1]``;
+    ``callback(k)`` follows each batch of ``k`` images."""
     extractor = CleanFIDFeatureExtractor(classifier)
-    feats = extract_features(extractor, images, batch_size=batch_size, device=device)
+    feats = extract_features(extractor, images, batch_size=batch_size, device=device,
+                             callback=callback)
     return torch.from_numpy(feats)
 
 

@@ -116,7 +116,10 @@ class ClassifierParams(_Section):
 
 class SampleParams(_Section):
     n_images: int = Field(ge=2)
-    batch_size: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="images per batch, per process")
+    nproc: int = Field(
+        1, ge=1, description="torchrun processes (one per GPU); the images do not depend on it"
+    )
 
 
 #: the time-grid spacings of ``NoiseProcess.time_grid`` (``diffusion_core.processes.SPACINGS``)
@@ -316,6 +319,11 @@ def _cross_field_errors(p: Params) -> list[str]:
         errors.append(
             f"train.batch_size: must be divisible by train.nproc={p.train.nproc} "
             f"(got {p.train.batch_size})"
+        )
+    if p.sample.nproc > p.sample.n_images:
+        errors.append(
+            f"sample.nproc: more processes than the sample.n_images={p.sample.n_images} images "
+            f"(got {p.sample.nproc})"
         )
     train_size = info.size - int(info.size * p.data.test_fraction + info.num_classes / 2) - 1
     if p.train.batch_size > train_size:

@@ -24,6 +24,11 @@ features computed in batches of ``evaluate.batch_size``, and scored against R:
   method's tolerances (Song et al. 2021, Sec. 4.3), unconditional (null label), dequantised in
   bins centred on the dataset's pixel levels; image ``i`` uses seed ``seed + i``.
 
+Progress (:class:`pipeline.progress.Progress`: a bar on a terminal, plain lines otherwise,
+silenced by ``--quiet``) follows the feature batches, each score of
+``diffusion_core.evaluation.SCORES`` and the near copies, and the bits/dim ODE (images, moved
+along within a batch by the ODE's time).
+
 ``extractor`` names the feature extractor (``classifier`` or ``inception``). Writes
 ``reports/eval/M.json`` (the full record; the track stage logs its numbers to MLflow as
 ``<metric>/M``) and its headline numbers to ``metrics/eval/M.json`` (the DVC metric).
@@ -31,6 +36,7 @@ features computed in batches of ``evaluate.batch_size``, and scored against R:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,7 +45,7 @@ import torch
 from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.data import from_levels, from_uint8, to_levels
 from diffusion_core.distributed import default_device
-from diffusion_core.evaluation import memorisation, score_features, verdict
+from diffusion_core.evaluation import SCORES, memorisation, score_features, verdict
 from diffusion_core.likelihood import bits_per_dim
 from diffusion_core.metrics import classification_accuracy, extract_features, inception_extractor
 from pipeline import paths
@@ -48,6 +54,7 @@ from pipeline.config import Params, RK45Method
 from pipeline.errors import StageError
 from pipeline.files import read_json, write_json, write_provenance
 from pipeline.prepare import load_split
+from pipeline.progress import Progress
 from pipeline.sample import load_model
 
 #: what ``metrics/eval/M.json`` (the DVC metric) keeps of the full record, so that
@@ -79,18 +86,20 @@ def _reference(
     if params.evaluate.extractor == "classifier":
         test = load_checkpoint(paths.REFERENCE_FEATURES, map_location="cpu")["test"].numpy()
     else:
-        test = _inception(test_x, params, device)
+        test = _inception(test_x, params, device, "test features")
     return test[ref_idx.numpy()], test[floor_idx.numpy()]
 
 
-def _inception(images: torch.Tensor, params: Params, device: torch.device) -> np.ndarray:
+def _inception(images: torch.Tensor, params: Params, device: torch.device,
+               desc: str) -> np.ndarray:
     try:
         extractor = inception_extractor(device)
     except RuntimeError as exc:
         raise StageError(f"evaluate.extractor=inception: {exc}") from None
-    return extract_features(
-        extractor, images, batch_size=params.evaluate.batch_size, device=device, resize="clean"
-    )
+    batch = params.evaluate.batch_size
+    with Progress(images.shape[0], desc, unit="img", every=batch) as bar:
+        return extract_features(extractor, images, batch_size=batch, device=device,
+                                resize="clean", callback=bar.update)
 
 
 def _bits_per_dim(params: Params, method: str, device: torch.device) -> dict[str, float]:
@@ -104,17 +113,34 @@ def _bits_per_dim(params: Params, method: str, device: torch.device) -> dict[str
     num_levels = params.dataset.pixel_levels
     levels = to_levels(test_x[:count], num_levels)
     values, nfe = [], 0
-    for lo in range(0, levels.shape[0], params.evaluate.batch_size):
-        chunk = levels[lo : lo + params.evaluate.batch_size].to(device)
-        seeds = [params.seed + i for i in range(lo, lo + chunk.shape[0])]
-        bpd, used = bits_per_dim(
-            denoiser, process, chunk, num_levels, seeds=seeds, rtol=m.rtol, atol=m.atol
-        )
-        values.append(bpd.detach().double().cpu())
-        nfe = max(nfe, used)
+    bar = Progress(count, f"{method} bits/dim", unit="img", every=max(1, count // 10))
+    with bar:
+        for lo in range(0, levels.shape[0], params.evaluate.batch_size):
+            chunk = levels[lo : lo + params.evaluate.batch_size].to(device)
+            seeds = [params.seed + i for i in range(lo, lo + chunk.shape[0])]
+            bpd, used = bits_per_dim(
+                denoiser, process, chunk, num_levels, seeds=seeds, rtol=m.rtol, atol=m.atol,
+                callback=_ode_progress(bar, lo, chunk.shape[0], process.t_min),
+            )
+            values.append(bpd.detach().double().cpu())
+            nfe = max(nfe, used)
+            bar.goto(lo + chunk.shape[0], nfe=used)
     bpd = torch.cat(values)
     spread = float(bpd.std()) if bpd.numel() > 1 else 0.0
     return {"bpd": float(bpd.mean()), "bpd_std": spread, "bpd_nfe": float(nfe)}
+
+
+def _ode_progress(bar: Progress, done: int, batch: int,
+                  t_min: float) -> Callable[[dict[str, Any]], None]:
+    """A likelihood callback moving ``bar`` (in images) through a batch of ``batch`` images after
+    ``done`` others, in proportion to how far the batch's ODE has come from ``t_min`` to 1 (the
+    batch counts as done when its values are back)."""
+
+    def callback(info: dict[str, Any]) -> None:
+        fraction = min(max((info["t"] - t_min) / (1.0 - t_min), 0.0), 1.0)
+        bar.goto(max(bar.n, done + min(int(fraction * batch), batch - 1)), nfe=info["nfe"])
+
+    return callback
 
 
 def _skipped(params: Params, method: str, sample_record: dict[str, Any]) -> dict[str, Any]:
@@ -147,28 +173,32 @@ def run(params: Params, method: str) -> dict[str, Any]:
     ref_f, floor_f = _reference(params, test_x, test_y, device)
     classifier = load_classifier(device)
     if name == "classifier":
-        sample_f = features(classifier, images, ev.batch_size, device).numpy()
+        with Progress(n, f"{method} features", unit="img", every=ev.batch_size) as bar:
+            sample_f = features(classifier, images, ev.batch_size, device, bar.update).numpy()
     else:
-        sample_f = _inception(images, params, device)
-    metrics: dict[str, float] = score_features(
-        sample_f,
-        ref_f,
-        floor_f,
-        draws=ev.bootstrap,
-        confidence=ev.confidence,
-        kid_subsets=ev.kid_subsets,
-        seed=params.seed,
-    )
+        sample_f = _inception(images, params, device, f"{method} features")
     ref_idx, floor_idx = held_out_halves(params, test_y)
-    metrics.update(
-        memorisation(
-            _flat(images),
-            _flat(train_x),
-            _flat(test_x[ref_idx]),
-            _flat(test_x[floor_idx]),
-            quantile=ev.near_copy_quantile,
+    with Progress(len(SCORES) + 1, f"{method} scores", unit="score", every=1) as bar:
+        metrics: dict[str, float] = score_features(
+            sample_f,
+            ref_f,
+            floor_f,
+            draws=ev.bootstrap,
+            confidence=ev.confidence,
+            kid_subsets=ev.kid_subsets,
+            seed=params.seed,
+            callback=lambda score: bar.update(1, done=score),
         )
-    )
+        metrics.update(
+            memorisation(
+                _flat(images),
+                _flat(train_x),
+                _flat(test_x[ref_idx]),
+                _flat(test_x[floor_idx]),
+                quantile=ev.near_copy_quantile,
+            )
+        )
+        bar.update(1, done="near_copies")
     metrics.update(_bits_per_dim(params, method, device))
     labels = samples.get("labels")
     if labels is not None:

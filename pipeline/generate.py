@@ -217,13 +217,12 @@ def run(o: GenerateOptions) -> dict[str, Any]:
 
 def _generate(o: GenerateOptions, settings: dict[str, Any], checkpoint: Path, dist: Any,
               device: torch.device) -> dict[str, Any]:
-    from diffusion_core.data import to_uint8
-    from diffusion_core.distributed import all_gather_object, barrier
+    from diffusion_core.distributed import barrier
     from diffusion_core.guidance import ClassifierFreeGuidance
-    from diffusion_core.samplers import compatible, generate
+    from diffusion_core.samplers import compatible
     from pipeline.files import file_digest, write_bytes, write_json
-    from pipeline.progress import Progress
-    from pipeline.sample import _png, grid_png, load_model, step_progress
+    from pipeline.sample import _png, grid_png, load_model
+    from pipeline.shards import draw, gather, share
 
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     if dist is not None:
@@ -246,45 +245,32 @@ def _generate(o: GenerateOptions, settings: dict[str, Any], checkpoint: Path, di
         raise OptionError(f"--spacing: {exc} (got {o.spacing!r})") from None
     guided = ClassifierFreeGuidance(denoiser, o.guidance) if o.guidance > 0 else denoiser
     shape = (net.in_channels, net.image_size, net.image_size)
-    mine = list(range(rank, o.n, world))  # this rank's images
     o.out.mkdir(parents=True, exist_ok=True)
-    chunks: list[np.ndarray] = []
-    nfe = 0
+
+    def write_pngs(indices: list[int], images: torch.Tensor) -> None:
+        for i, image in zip(indices, images.permute(0, 2, 3, 1).numpy(), strict=True):
+            label = None if labels is None else labels[i]
+            write_bytes(o.out / image_name(i, label, o.seed + i), _png(image))
+
     start = time.perf_counter()
-    bar = Progress(len(mine), "generate", unit="img", every=o.batch_size)
-    with torch.no_grad(), bar:
-        for lo in range(0, len(mine), o.batch_size):
-            idx = mine[lo: lo + o.batch_size]
-            batch_labels = None if labels is None else torch.tensor([labels[i] for i in idx])
-            with step_progress("generate", steps) as step_bar:
-                out = generate(
-                    guided, process, o.sampler, shape=shape, seeds=[o.seed + i for i in idx],
-                    labels=batch_labels, steps=o.steps, spacing=o.spacing, device=device,
-                    callback=step_bar.callback() if step_bar.enabled else None, **settings,
-                )
-            images = to_uint8(out.x.cpu()).permute(0, 2, 3, 1).numpy()  # N, H, W, C
-            nfe = out.nfe
-            if o.png:
-                for i, image in zip(idx, images, strict=True):
-                    label = None if labels is None else labels[i]
-                    write_bytes(o.out / image_name(i, label, o.seed + i), _png(image))
-            chunks.append(images)
-            bar.update(len(idx), nfe=out.nfe)
+    mine = draw(
+        guided, process, o.sampler, indices=share(o.n, rank, world), first_seed=o.seed,
+        labels=None if labels is None else torch.tensor(labels), shape=shape,
+        batch_size=o.batch_size, device=device, desc="generate",
+        on_batch=write_pngs if o.png else None, steps=o.steps, spacing=o.spacing, **settings,
+    )
     wall_s = time.perf_counter() - start
-    local = np.concatenate(chunks) if chunks else np.zeros((0, *shape[1:], shape[0]), np.uint8)
-    gathered = all_gather_object((mine, local))  # rank 0 writes the npz and the grid
+    drawn = gather(mine, o.n)  # rank 0 writes the npz and the grid
+    nfe = float(drawn.nfe.double().mean())
     record: dict[str, Any] = {}
     if rank == 0:
-        everything = np.zeros((o.n, shape[1], shape[2], shape[0]), dtype=np.uint8)
-        for indices, images in gathered:
-            everything[indices] = images
+        everything = np.ascontiguousarray(drawn.images.permute(0, 2, 3, 1).numpy())  # N, H, W, C
         seeds = np.arange(o.seed, o.seed + o.n, dtype=np.int64)
         label_array = np.asarray(labels if labels is not None else [-1] * o.n, dtype=np.int64)
         if o.npz:
             buf = _npz_bytes(images=everything, labels=label_array, seeds=seeds)
             write_bytes(o.out / "images.npz", buf)
-        grid = torch.from_numpy(everything).permute(0, 3, 1, 2)
-        write_bytes(o.out / "grid.png", grid_png(grid))
+        write_bytes(o.out / "grid.png", grid_png(drawn.images))
         options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(o).items()}
         record = {
             "options": options,
@@ -299,7 +285,7 @@ def _generate(o: GenerateOptions, settings: dict[str, Any], checkpoint: Path, di
         }
         write_json(o.out / "generate.json", record)
         print(f"generate: {o.n} images in {o.out} ({wall_s:.1f} s, {world} process(es), "
-              f"{nfe} denoiser evaluations per image)", flush=True)
+              f"{nfe:.0f} denoiser evaluations per image)", flush=True)
     barrier()
     return record
 

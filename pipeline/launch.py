@@ -1,7 +1,7 @@
 """``python -m pipeline.launch [--params P] -- CMD...``: run torchrun (CMD) like one command.
 
-The train stage's command in ``dvc.yaml``. It gives a torchrun job the behaviour of a single
-``diffusion`` command:
+The train and sample stages' command in ``dvc.yaml``. It gives a torchrun job the behaviour of
+a single ``diffusion`` command:
 
 - ``--params``: validated first (as ``diffusion check-params``): a bad file is one line, exit 2,
   before any process starts.

@@ -7,6 +7,10 @@ with classifier-free guidance (Ho & Salimans 2022) when ``guidance > 0``. A meth
 ``unconditional: true`` samples the same network with ``labels=None``, which the U-Net maps to
 its null label (the unconditional model that label dropout trained); it stores no labels.
 
+Under ``torchrun`` (``sample.nproc`` processes in ``dvc.yaml``) rank ``r`` of ``W`` draws images
+``r, r + W, r + 2W, ...`` and rank 0 gathers them (:mod:`pipeline.shards`) and writes the files: the
+samples and the grid are those of one process, bit for bit.
+
 Writes ``runs/samples/M/samples.pt`` (uint8 images, labels, seeds), ``reports/grids/M.png`` and
 ``metrics/sample/M.json``. A sampler that does not fit the trained process is not an error: the
 metrics record says ``status: skipped`` with the reason, and the grid shows it.
@@ -24,18 +28,17 @@ import torch
 from torch import Tensor
 
 from diffusion_core.checkpoint import load_checkpoint, require_keys, save_atomic
-from diffusion_core.data import to_uint8
 from diffusion_core.denoiser import Denoiser
-from diffusion_core.distributed import default_device
+from diffusion_core.distributed import DistInfo, barrier, cleanup, setup_distributed
 from diffusion_core.guidance import ClassifierFreeGuidance
 from diffusion_core.processes import NoiseProcess, make_process
-from diffusion_core.samplers import compatible, generate
+from diffusion_core.samplers import compatible
 from diffusion_core.unet import UNet
 from pipeline import paths
 from pipeline.config import Method, Params
 from pipeline.errors import StageError
 from pipeline.files import file_digest, write_bytes, write_json, write_provenance, write_timing
-from pipeline.progress import Progress
+from pipeline.shards import draw, gather, share
 
 GRID_IMAGES = 100
 
@@ -102,16 +105,6 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.wrap(text, width)[:3])
 
 
-#: samplers with at least this many steps also show a bar per step within each batch
-STEP_BAR_MIN = 100
-
-
-def step_progress(desc: str, steps: int | None) -> Progress:
-    """A per-step bar for long samplers (``steps >= STEP_BAR_MIN``), else a silent one."""
-    long = steps is not None and steps >= STEP_BAR_MIN
-    return Progress(steps or 0, f"{desc} steps", unit="step", leave=False, enabled=long)
-
-
 def _skip(params: Params, name: str, method: Method, reason: str) -> dict[str, Any]:
     print(f"skipped {name}: {reason}")
     record = {"status": "skipped", "reason": reason}
@@ -123,14 +116,28 @@ def _skip(params: Params, name: str, method: Method, reason: str) -> dict[str, A
 
 
 def run(params: Params, method: str) -> dict[str, Any]:
-    """Sample with one method; returns its metrics record."""
+    """Sample with one method; returns its metrics record (on every rank under ``torchrun``)."""
     m = params.method(method)
-    device = default_device()
+    try:
+        dist = setup_distributed()
+    except (ValueError, RuntimeError) as exc:
+        raise StageError(f"cannot start the process group: {exc}") from None
+    try:
+        if dist.world_size != params.sample.nproc and dist.is_main:
+            print(f"note: sample.nproc={params.sample.nproc} but {dist.world_size} process(es) run")
+        return _sample(params, method, m, dist)
+    finally:
+        cleanup()
+
+
+def _sample(params: Params, method: str, m: Method, dist: DistInfo) -> dict[str, Any]:
+    """Rank ``r`` of ``W`` draws images ``r, r + W, ...``; rank 0 gathers them and writes."""
+    device = dist.device
     denoiser, process, model_file = load_model(device)
     steps = getattr(m, "steps", None)
     reason = compatible(m.sampler, process, steps)
     if reason is not None:
-        return _skip(params, method, m, reason)
+        return _skip(params, method, m, reason) if dist.is_main else {"status": "skipped"}
     net = denoiser.net
     guided = ClassifierFreeGuidance(denoiser, m.guidance) if m.guidance > 0 else denoiser
     n, batch = params.sample.n_images, params.sample.batch_size
@@ -141,35 +148,31 @@ def run(params: Params, method: str) -> dict[str, Any]:
                               **m.settings()}
     if steps is not None:
         kwargs["steps"] = steps
-    chunks, nfe_total = [], 0
     start = time.perf_counter()
-    bar = Progress(n, method, unit="img", every=batch)
-    with torch.no_grad(), bar:
-        for lo in range(0, n, batch):
-            hi = min(n, lo + batch)
-            with step_progress(method, steps) as step_bar:
-                out = generate(
-                    guided,
-                    process,
-                    m.sampler,
-                    shape=shape,
-                    seeds=seeds[lo:hi],
-                    labels=None if labels is None else labels[lo:hi],
-                    device=device,
-                    callback=step_bar.callback() if step_bar.enabled else None,
-                    **kwargs,
-                )
-            chunks.append(to_uint8(out.x.cpu()))
-            nfe_total += out.nfe * (hi - lo)
-            bar.update(hi - lo, nfe=out.nfe)
+    mine = draw(guided, process, m.sampler, indices=share(n, dist.rank, dist.world_size),
+                first_seed=params.seed, labels=labels, shape=shape, batch_size=batch,
+                device=device, desc=method, **kwargs)
     wall_s = time.perf_counter() - start
-    images = torch.cat(chunks)
+    drawn = gather(mine, n)
+    record = {"status": "ok", "nfe": float(drawn.nfe.double().mean()), "n_images": n}
+    if dist.is_main:
+        _write(params, method, m, drawn.images, labels, seeds, record, model_file)
+        images_per_s = n / wall_s if wall_s > 0 else None
+        write_timing(f"sample@{method}", wall_s=round(wall_s, 3), images_per_s=images_per_s,
+                     batch_size=batch, world_size=dist.world_size, device=device.type)
+        print(f"{method}: {n} images in {wall_s:.1f} s, {record['nfe']:.0f} NFE per image")
+    barrier()
+    return record
+
+
+def _write(params: Params, method: str, m: Method, images: Tensor, labels: Tensor | None,
+           seeds: list[int], record: dict[str, Any], model_file: dict[str, Any]) -> None:
+    """The samples file, the grid, the metrics record and the provenance of one method."""
     save_atomic(
         {"images": images, "labels": labels, "seeds": torch.tensor(seeds), "method": method},
         paths.samples_dir(method) / "samples.pt",
     )
     write_bytes(paths.grid_path(method), grid_png(images))
-    record = {"status": "ok", "nfe": nfe_total / n, "n_images": n}
     write_json(paths.sample_metrics(method), record)
     write_provenance(
         f"sample@{method}",
@@ -177,12 +180,7 @@ def run(params: Params, method: str) -> dict[str, Any]:
         method=method,
         settings=m.model_dump(mode="json"),
         conditional=labels is not None,
-        seeds={"first": seeds[0], "count": n},
+        seeds={"first": seeds[0], "count": len(seeds)},
         process=model_file["process"],
         model_sha256=file_digest(paths.MODEL),
     )
-    images_per_s = n / wall_s if wall_s > 0 else None
-    write_timing(f"sample@{method}", wall_s=round(wall_s, 3), images_per_s=images_per_s,
-                 batch_size=batch, device=device.type)
-    print(f"{method}: {n} images in {wall_s:.1f} s, {record['nfe']:.0f} NFE per image")
-    return record

@@ -200,3 +200,17 @@ def test_score_features_compares_with_real_data_at_the_floors_size() -> None:
     )
     assert shifted["fid_matched"] > shifted["fid_floor_ci_high"]
     assert shifted["kid_x1000"] > shifted["kid_floor_x1000"] + 3 * shifted["kid_x1000_std"]
+
+
+def test_score_features_reports_each_score_in_order() -> None:
+    from diffusion_core.evaluation import SCORES, score_features
+
+    rng = np.random.default_rng(8)
+    seen: list[str] = []
+    quiet = score_features(normal(rng, 40), normal(rng, 30), normal(rng, 20), draws=10,
+                           kid_subsets=4)
+    rng = np.random.default_rng(8)
+    heard = score_features(normal(rng, 40), normal(rng, 30), normal(rng, 20), draws=10,
+                           kid_subsets=4, callback=seen.append)
+    assert seen == list(SCORES)
+    assert heard == quiet  # the callback only watches

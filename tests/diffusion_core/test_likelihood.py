@@ -50,6 +50,21 @@ def test_hutchinson_estimate_is_unbiased():
     assert logp.std().item() > 0  # it really is a stochastic estimate
 
 
+def test_callback_follows_every_evaluation_from_t_min_to_1():
+    process = VPSDE()
+    d = GaussianDenoiser(MU, S, process)
+    levels = torch.randint(0, 256, (3, 1, 2, 2), generator=torch.Generator().manual_seed(2))
+    seen = []
+    bpd, nfe = bits_per_dim(d, process, levels, 256, dtype=torch.float64, rtol=1e-3, atol=1e-3,
+                            callback=seen.append)
+    assert [info["nfe"] for info in seen] == list(range(1, nfe + 1))
+    assert seen[0]["t"] == pytest.approx(process.t_min)
+    assert seen[-1]["t"] == pytest.approx(1.0)
+    assert all(process.t_min <= info["t"] <= 1.0 + 1e-9 for info in seen)
+    quiet, _ = bits_per_dim(d, process, levels, 256, dtype=torch.float64, rtol=1e-3, atol=1e-3)
+    assert torch.equal(bpd, quiet)  # the callback only watches
+
+
 def test_bits_per_dim_of_gaussian_levels():
     """bpd = -(log p(y) + D log Delta) / (D ln 2) at the dequantised points y, with the closed-form
     log-density of the Gaussian data's marginal at t_min; for Gaussian data the ODE's Jacobian

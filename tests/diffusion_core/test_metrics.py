@@ -165,6 +165,15 @@ def test_extractor_through_cleanfid_matches_direct_features(
     np.testing.assert_allclose(feats, direct, rtol=1e-5, atol=1e-5)
 
 
+def test_extract_features_reports_each_batch() -> None:
+    images = torch.linspace(-1, 1, 10 * 64).reshape(10, 1, 8, 8)
+    seen: list[int] = []
+    feats = extract_features(lambda batch: batch.flatten(1), images, batch_size=4, device="cpu",
+                             callback=seen.append)
+    assert seen == [4, 4, 2]
+    assert feats.shape == (10, 3 * 64)  # grey images reach clean-fid's extractors as RGB
+
+
 def test_folder_path_matches_tensor_path(
     tmp_path: Path,
     digits_split: tuple[torch.Tensor, ...],

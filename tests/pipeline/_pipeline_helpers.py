@@ -1,4 +1,5 @@
-"""Helpers for the pipeline tests: the repository's params.yaml and a tiny variant of it."""
+"""Helpers for the pipeline tests: the repository's params.yaml, a tiny variant of it and a tiny
+model saved as the train stage saves one."""
 
 from __future__ import annotations
 
@@ -42,3 +43,22 @@ def copy_code(root: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for package in ("pipeline", "diffusion_core"):
         shutil.copytree(REPO / package, root / package, ignore=ignore)
+
+
+def tiny_model(path: Path, num_classes: int = 10) -> Path:
+    """A tiny untrained U-Net on an 8x8 digits-like process of 100 steps (``tiny_raw``'s), saved
+    as the train stage saves ``runs/train/model.pt``."""
+    import torch
+
+    from diffusion_core.checkpoint import save_atomic
+    from diffusion_core.processes import make_process
+    from diffusion_core.unet import UNet
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = UNet(in_channels=1, image_size=8, base_channels=8, channel_mults=[1, 2],
+                   num_res_blocks=1, attention_resolutions=[4], num_classes=num_classes)
+    process = make_process("ddpm", num_steps=100)
+    save_atomic({"model_config": net.config, "ema": net.state_dict(),
+                 "process": process.describe(), "prediction": "eps"}, path)
+    return path

@@ -106,6 +106,12 @@ BAD: list[tuple[str, Edit, str]] = [
         "train.batch_size: must be divisible by train.nproc=3",
     ),
     ("too few images", _set("sample", "n_images", 1), "sample.n_images: Input should be"),
+    ("no sample process", _set("sample", "nproc", 0), "sample.nproc: Input should be"),
+    (
+        "more processes than images",
+        _set("sample", "nproc", 401),
+        "sample.nproc: more processes than the sample.n_images=400 images (got 401)",
+    ),
     ("confidence", _set("evaluate", "confidence", 1.0), "evaluate.confidence: Input should be"),
     (
         "beta order",

@@ -124,6 +124,15 @@ def test_dvc_repro_twice_and_the_mlflow_runs(tmp_path: Path) -> None:
             assert str(tmp_path) not in text, path
             assert "created" not in text and "git_commit" not in text, path
 
+    # Sampling with two torchrun processes re-runs the sample stage; its samples are the same,
+    # so evaluate does not re-run.
+    raw = tiny_raw()
+    raw["sample"]["nproc"] = 2
+    write_params(tmp_path / "params.yaml", raw)
+    third = dvc(tmp_path, env, "repro")
+    assert "Running stage 'sample@ddim5'" in third
+    assert "Running stage 'evaluate@ddim5'" not in third and "Running stage 'train'" not in third
+
     # Changing one method re-runs only that method's stages, the report and the tracking.
     raw = tiny_raw()
     raw["methods"]["ddim5"]["eta"] = 0.5

@@ -13,28 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _pipeline_helpers import REPO
+from _pipeline_helpers import REPO, tiny_model
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffusion_core.checkpoint import save_atomic
-from diffusion_core.processes import make_process
-from diffusion_core.unet import UNet
 from pipeline.cli import app
 from pipeline.generate import image_name, parse_name
 from pipeline.progress import Progress
-
-
-def tiny_model(path: Path, num_classes: int = 10) -> Path:
-    """A tiny untrained U-Net on an 8x8 digits-like process of 100 steps, saved as train does."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        net = UNet(in_channels=1, image_size=8, base_channels=8, channel_mults=[1, 2],
-                   num_res_blocks=1, attention_resolutions=[4], num_classes=num_classes)
-    process = make_process("ddpm", num_steps=100)
-    save_atomic({"model_config": net.config, "ema": net.state_dict(),
-                 "process": process.describe(), "prediction": "eps"}, path)
-    return path
 
 
 @pytest.fixture(scope="module")

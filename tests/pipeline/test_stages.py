@@ -235,7 +235,38 @@ def test_report_guidance_tradeoff_from_real_samples(workspace: Path) -> None:
         assert 0.0 <= accuracy <= 1.0
 
 
-def test_bits_per_dim_for_ode_methods(workspace: Path) -> None:
+def test_evaluate_shows_progress_without_a_tty_and_none_when_quiet(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from diffusion_core.evaluation import SCORES
+    from pipeline.cli import app
+
+    monkeypatch.setenv("DIFFUSION_QUIET", "0")  # put back afterwards: --quiet sets it
+    params_file = workspace / "progress.yaml"
+    params_file.write_text(json.dumps(tiny_raw()))
+    command = ["evaluate", "--params", str(params_file), "--method", "ddim5"]
+    with contextlib.chdir(workspace):
+        sample.run(params_with(), "ddim5")
+        loud = CliRunner().invoke(app, command)
+        quiet = CliRunner().invoke(app, ["--quiet", *command])
+    assert loud.exit_code == 0 and quiet.exit_code == 0, loud.stderr + quiet.stderr
+    lines = loud.stderr.splitlines()
+    assert [line for line in lines if line.startswith("ddim5 features: ")] == [
+        next(line for line in lines if line.startswith("ddim5 features: 20/20 img"))
+    ]
+    scores = [line for line in lines if line.startswith("ddim5 scores: ")]
+    assert len(scores) == len(SCORES) + 1
+    assert scores[0].startswith(f"ddim5 scores: 1/{len(scores)} score, done fid")
+    assert scores[-1].startswith(f"ddim5 scores: {len(scores)}/{len(scores)} score, done near_")
+    assert quiet.stderr == "" and "ddim5: FID" in quiet.stdout
+
+
+def test_bits_per_dim_for_ode_methods(
+    workspace: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DIFFUSION_QUIET", raising=False)
     raw = tiny_raw()
     raw["methods"] = {"rk": {"sampler": "ode_rk45", "rtol": 1e-2, "atol": 1e-2}}
     raw["sample"]["n_images"] = 4
@@ -243,9 +274,13 @@ def test_bits_per_dim_for_ode_methods(workspace: Path) -> None:
     params = validate_params(raw)
     with contextlib.chdir(workspace):
         sample.run(params, "rk")
+        capsys.readouterr()
         record = evaluate.run(params, "rk")
     assert 0.0 < record["bpd"] < 50.0 and record["bpd_std"] >= 0.0
     assert record["bpd_nfe"] > 0
+    progress = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("rk bits/dim")]
+    counts = [int(line.split(": ")[1].split("/")[0]) for line in progress]
+    assert counts == sorted(set(counts)) and counts[-1] == 3 and len(counts) > 1, progress
 
 
 def test_more_images_than_held_out_ones(workspace: Path) -> None:
