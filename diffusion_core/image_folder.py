@@ -29,6 +29,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "FolderLayout",
     "ImageFolder",
+    "MixedImageModes",
     "folder_channels",
     "load_image_folder",
     "scan_image_folder",
@@ -37,6 +38,10 @@ __all__ = [
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 #: Pillow modes that hold one grey value per pixel (anything else is treated as colour)
 _GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+class MixedImageModes(DatasetUnavailable):  # noqa: N818 (a kind of DatasetUnavailable)
+    """The folder holds grey and colour images and no channel count was chosen."""
 
 
 class FolderLayout(NamedTuple):
@@ -141,7 +146,7 @@ def folder_channels(layout: FolderLayout) -> int:
         kinds.setdefault(_kind(mode), (path, mode))
         if len(kinds) > 1:
             (grey, grey_mode), (colour, colour_mode) = kinds[1], kinds[3]
-            raise DatasetUnavailable(
+            raise MixedImageModes(
                 f"the image folder mixes grey and colour images ({grey} is {grey_mode}, "
                 f"{colour} is {colour_mode}): set channels to 1 or 3 to convert them all"
             )
