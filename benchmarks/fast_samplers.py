@@ -143,6 +143,7 @@ def speed(args) -> list[dict]:
     from diffusion_core.processes import DiscreteDDPM
     from diffusion_core.samplers import SAMPLERS
     from pipeline.config import load_params
+    from pipeline.dataset import dataset_info
     from pipeline.train import build_unet
 
     params = load_params(ROOT / "params.yaml")
@@ -151,7 +152,7 @@ def speed(args) -> list[dict]:
     process = DiscreteDDPM(1000)
     den = Denoiser(net, process, "eps")
     b = args.speed_batch
-    info = params.dataset
+    info = dataset_info(params)
     x_T = torch.randn(b, info.channels, info.image_size, info.image_size,
                       generator=torch.Generator().manual_seed(0))
     labels = torch.arange(b) % info.num_classes

@@ -6,13 +6,25 @@ Datasets are registered in ``DATASETS`` (name -> loader ``(root, download) -> (i
   offline, no files needed.
 - ``"mnist"``: LeCun et al. 1998 MNIST read from the raw idx files in ``root`` (train and/or
   t10k, gzipped or not); optionally downloaded with ``torchvision.datasets.MNIST``.
+- ``"fashion_mnist"``: Xiao et al. 2017 Fashion-MNIST, the same idx layout (also in torchvision's
+  ``root/FashionMNIST/raw``); optionally downloaded with ``torchvision.datasets.FashionMNIST``.
+- ``"cifar10"``: Krizhevsky 2009 CIFAR-10, 32x32 RGB, from the python batches of
+  ``cifar-10-python.tar.gz`` (``root/cifar-10-batches-py`` or ``root``), read with an unpickler
+  that accepts numpy arrays and nothing else; optionally downloaded with
+  ``torchvision.datasets.CIFAR10``.
+
+Downloads happen only when ``download=True`` and the files are missing; without them every loader
+raises one ``DatasetUnavailable`` line saying which files to put where. Image folders of your own
+(one subfolder per class, or flat) are read by :func:`diffusion_core.image_folder.load_image_folder`.
 """
 
 from __future__ import annotations
 
 import gzip
+import pickle
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +36,7 @@ __all__ = [
     "from_levels",
     "from_uint8",
     "load_dataset",
+    "read_cifar_batch",
     "read_idx",
     "to_levels",
     "to_uint8",
@@ -125,10 +138,10 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _mnist_files(root: Path) -> list[tuple[Path, Path]]:
-    """(images, labels) idx file pairs present in ``root`` or torchvision's ``root/MNIST/raw``."""
+def _idx_files(root: Path, raw: str) -> list[tuple[Path, Path]]:
+    """(images, labels) idx file pairs present in ``root`` or torchvision's ``root/<raw>/raw``."""
     pairs = []
-    for folder in (root, root / "MNIST" / "raw"):
+    for folder in (root, root / raw / "raw"):
         for split in _MNIST_SPLITS:
             img = _find_idx(folder, f"{split}-images-idx3-ubyte")
             lab = _find_idx(folder, f"{split}-labels-idx1-ubyte")
@@ -139,41 +152,51 @@ def _mnist_files(root: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _load_mnist(root: Path | None, download: bool) -> tuple[Tensor, Tensor]:
-    """MNIST from raw idx files; ``from_levels(k, 256)`` maps 0..255 to [-1, 1]."""
-    if root is None:
+def _download(name: str, root: Path, make: Callable[[bool], object], source: str) -> None:
+    """Fetch ``name`` into ``root`` with ``make(train)`` (a torchvision dataset, download=True)."""
+    try:
+        for train in (True, False):
+            make(train)
+    except Exception as exc:  # any network / IO failure becomes one clear error
+        first = (str(exc).strip().splitlines() or [""])[0]
         raise DatasetUnavailable(
-            "mnist needs root=<folder> holding train-/t10k-{images-idx3,labels-idx1}-ubyte[.gz]"
-        )
-    pairs = _mnist_files(root)
-    if not pairs and download:
-        try:
-            from torchvision.datasets import MNIST
+            f"{name} download into {root} failed ({type(exc).__name__}: {first}); place the "
+            f"files there by hand (from {source})"
+        ) from exc
 
-            for train in (True, False):
-                MNIST(str(root), train=train, download=True)
-        except Exception as exc:  # any network / IO failure becomes one clear error
-            raise DatasetUnavailable(
-                f"mnist download into {root} failed ({type(exc).__name__}: {exc}); place the idx "
-                "files there by hand (from https://yann.lecun.com/exdb/mnist/ or a mirror)"
-            ) from exc
-        pairs = _mnist_files(root)
+
+def _load_idx_dataset(
+    name: str, raw: str, source: str, root: Path | None, download: bool
+) -> tuple[Tensor, Tensor]:
+    """An MNIST-format dataset from raw idx files; ``from_levels(k, 256)`` maps 0..255 to [-1, 1].
+
+    ``raw`` is torchvision's folder name (``MNIST``, ``FashionMNIST``): its download lands in
+    ``root/<raw>/raw``, which is searched after ``root`` itself.
+    """
+    wanted = ", ".join(
+        f"{split}-{kind}-ubyte[.gz]" for split in _MNIST_SPLITS for kind in ("images-idx3", "labels-idx1")
+    )
+    if root is None:
+        raise DatasetUnavailable(f"{name} needs root=<folder> holding {wanted}")
+    pairs = _idx_files(root, raw)
+    if not pairs and download:
+        import torchvision.datasets
+
+        cls = getattr(torchvision.datasets, raw)
+        _download(name, root, lambda train: cls(str(root), train=train, download=True), source)
+        pairs = _idx_files(root, raw)
     if not pairs:
-        wanted = ", ".join(
-            f"{split}-{kind}-ubyte[.gz]"
-            for split in _MNIST_SPLITS
-            for kind in ("images-idx3", "labels-idx1")
-        )
         raise DatasetUnavailable(
-            f"mnist idx files not found: looked for {wanted} in {root} and "
-            f"{root / 'MNIST' / 'raw'}; copy them there or pass download=True (needs a network)"
+            f"{name} idx files not found: looked for {wanted} in {root} and "
+            f"{root / raw / 'raw'}; copy them there (from {source}) or allow the download "
+            "(download=True; needs a network)"
         )
     images, labels = [], []
     for img_path, lab_path in pairs:
         img, lab = read_idx(img_path), read_idx(lab_path)
         if img.ndim != 3 or lab.ndim != 1 or img.shape[0] != lab.shape[0]:
             raise ValueError(
-                f"mnist files disagree: {img_path.name} has shape {img.shape}, "
+                f"{name} files disagree: {img_path.name} has shape {img.shape}, "
                 f"{lab_path.name} has shape {lab.shape}"
             )
         images.append(from_levels(img.astype(np.int64), 256))
@@ -181,7 +204,106 @@ def _load_mnist(root: Path | None, download: bool) -> tuple[Tensor, Tensor]:
     return torch.cat(images).unsqueeze(1).contiguous(), torch.cat(labels)
 
 
-DATASETS: dict[str, Loader] = {"digits": _load_digits, "mnist": _load_mnist}
+def _load_mnist(root: Path | None, download: bool) -> tuple[Tensor, Tensor]:
+    """MNIST (LeCun et al. 1998), 28x28 grey digits, from raw idx files."""
+    return _load_idx_dataset(
+        "mnist", "MNIST", "https://yann.lecun.com/exdb/mnist/ or a mirror", root, download
+    )
+
+
+def _load_fashion_mnist(root: Path | None, download: bool) -> tuple[Tensor, Tensor]:
+    """Fashion-MNIST (Xiao et al. 2017), 28x28 grey clothing images, from raw idx files."""
+    return _load_idx_dataset(
+        "fashion_mnist", "FashionMNIST", "https://github.com/zalandoresearch/fashion-mnist",
+        root, download,
+    )
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays; refuses every other global (no code runs)."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("_codecs", "encode"),  # how protocol 2 stores bytes
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch: uint8 images ``(N, 3, 32, 32)`` and int64 labels ``(N,)``.
+
+    The batch is a pickled dict with ``data`` (``N x 3072`` uint8, channel-major) and ``labels``;
+    it is read with an unpickler that only rebuilds numpy arrays.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            batch = _ArrayUnpickler(fh, encoding="latin1").load()
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        labels = np.asarray(batch["labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+        raise DatasetUnavailable(
+            f"{path} is not a CIFAR-10 python batch ({type(exc).__name__}: {exc})"
+        ) from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (data.shape[0],):
+        raise DatasetUnavailable(
+            f"{path}: expected data (N, 3072) and N labels, got {data.shape} and {labels.shape}"
+        )
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+_CIFAR_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+_CIFAR_FOLDER = "cifar-10-batches-py"
+_CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+def _cifar_folder(root: Path) -> Path | None:
+    for folder in (root / _CIFAR_FOLDER, root):
+        if all((folder / name).is_file() for name in _CIFAR_BATCHES):
+            return folder
+    return None
+
+
+def _load_cifar10(root: Path | None, download: bool) -> tuple[Tensor, Tensor]:
+    """CIFAR-10 (Krizhevsky 2009): 50000 train then 10000 test 32x32 RGB images, 10 classes."""
+    wanted = f"{', '.join(_CIFAR_BATCHES)} (unpacked from {_CIFAR_URL})"
+    if root is None:
+        raise DatasetUnavailable(f"cifar10 needs root=<folder> holding {_CIFAR_FOLDER}/{{{wanted}}}")
+    folder = _cifar_folder(root)
+    if folder is None and download:
+        from torchvision.datasets import CIFAR10
+
+        _download(
+            "cifar10", root, lambda train: CIFAR10(str(root), train=train, download=True),
+            _CIFAR_URL,
+        )
+        folder = _cifar_folder(root)
+    if folder is None:
+        have = root / _CIFAR_FOLDER if (root / _CIFAR_FOLDER).is_dir() else root
+        missing = [n for n in _CIFAR_BATCHES if not (have / n).is_file()]
+        raise DatasetUnavailable(
+            f"cifar10 batches not found: {root / _CIFAR_FOLDER} (or {root}) must hold {wanted}; "
+            f"missing {', '.join(missing)}; unpack the archive into {root} or allow the download "
+            "(download=True; needs a network)"
+        )
+    images, labels = zip(*(read_cifar_batch(folder / name) for name in _CIFAR_BATCHES), strict=True)
+    x = from_levels(np.concatenate(images).astype(np.int64), 256)
+    return x.contiguous(), torch.from_numpy(np.concatenate(labels))
+
+
+DATASETS: dict[str, Loader] = {
+    "digits": _load_digits,
+    "mnist": _load_mnist,
+    "fashion_mnist": _load_fashion_mnist,
+    "cifar10": _load_cifar10,
+}
 
 
 def load_dataset(

@@ -3,14 +3,17 @@ reject at run time is rejected here first, before DVC deletes any output.
 
 Beyond :func:`pipeline.config.load_params` this builds (without allocating weights: on the
 ``meta`` device) the U-Net, the noise process and the training configuration the train stage
-would build, and checks the settings that depend on the machine (``bf16`` needs CUDA).
+would build, and checks the settings that depend on the machine: ``bf16`` needs CUDA, an image
+folder must exist and fit the other settings (its size, whether it has classes), the Inception
+extractor needs its weights on disk (found now, not after training).
 """
 
 from __future__ import annotations
 
 import contextlib
 
-from pipeline.config import Params, ParamsError
+from pipeline.config import FOLDER, Params, ParamsError, dataset_errors
+from pipeline.dataset import dataset_info
 
 
 def check_buildable(params: Params) -> None:
@@ -21,6 +24,11 @@ def check_buildable(params: Params) -> None:
     from diffusion_core.training import TrainConfig
     from pipeline.train import build_unet, train_config
 
+    if params.data.dataset == FOLDER:  # the registered datasets were checked at validation
+        errors = dataset_errors(params, dataset_info(params))
+        if errors:
+            raise ParamsError(errors[0])
+    _check_inception(params)
     try:
         with torch.device("meta"):
             build_unet(params)  # raises ParamsError("model: ...")
@@ -44,3 +52,17 @@ def check_buildable(params: Params) -> None:
                 "train.mixed_precision: bf16 needs CUDA and there is none; use auto or no "
                 "(got 'bf16')"
             )
+
+
+def _check_inception(params: Params) -> None:
+    """``evaluate.extractor: inception`` needs clean-fid's weights; say where before training."""
+    if params.evaluate.extractor != "inception":
+        return
+    from diffusion_core.metrics import INCEPTION_URL, inception_weights_path
+
+    path = inception_weights_path()
+    if not path.is_file():
+        raise ParamsError(
+            f"evaluate.extractor: inception needs clean-fid's weights at {path}; download "
+            f"{INCEPTION_URL} there (got 'inception')"
+        )

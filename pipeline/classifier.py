@@ -5,6 +5,10 @@ Writes ``models/classifier.pt`` (``{"config", "state_dict"}``), ``models/referen
 half R and floor half F, ``diffusion_core.evaluation.reference_split`` seeded with ``seed``;
 reused by every ``evaluate``) and ``metrics/classifier.json`` (test accuracy). Deterministic for
 a given seed on CPU.
+
+A dataset with fewer than two classes (a flat image folder) has no labels to learn from: the stage
+then writes the held-out halves alone and a classifier file that says why it is absent (the
+checks demand ``evaluate.extractor: inception`` and an unconditional model for such data).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from diffusion_core.metrics import (
 )
 from pipeline import paths
 from pipeline.config import Params
+from pipeline.dataset import dataset_info
+from pipeline.errors import StageError
 from pipeline.files import file_digest, write_json, write_provenance, write_timing
 from pipeline.prepare import load_split
 
@@ -34,6 +40,8 @@ from pipeline.prepare import load_split
 def load_classifier(device: torch.device) -> FeatureClassifier:
     """The classifier written by this stage, in eval mode on ``device``."""
     obj = load_checkpoint(paths.CLASSIFIER, map_location="cpu")
+    if obj.get("status") == "skipped":
+        raise StageError(f"{paths.CLASSIFIER}: no evaluation classifier: {obj['reason']}")
     model = FeatureClassifier(**obj["config"])
     model.load_state_dict(obj["state_dict"])
     return model.to(device).eval()
@@ -60,12 +68,28 @@ def held_out_halves(params: Params, test_labels: torch.Tensor) -> tuple[torch.Te
     return torch.from_numpy(ref), torch.from_numpy(floor)
 
 
+def _skip(params: Params, test_y: torch.Tensor, reason: str) -> dict[str, Any]:
+    """Outputs of a dataset without classes: the held-out halves and the reason, no classifier."""
+    save_atomic({"status": "skipped", "reason": reason}, paths.CLASSIFIER)
+    reference: dict[str, Any] = {"extractor": None}
+    reference["reference_index"], reference["floor_index"] = held_out_halves(params, test_y)
+    save_atomic(reference, paths.REFERENCE_FEATURES)
+    record = {"status": "skipped", "reason": reason}
+    write_json(paths.CLASSIFIER_METRICS, record)
+    write_provenance("classifier", params)
+    print(f"classifier: skipped ({reason})")
+    return record
+
+
 def run(params: Params) -> dict[str, Any]:
     """Train, score on the test split, cache reference features; returns the metrics record."""
     device = default_device()
     cfg = params.classifier
     train_x, train_y = load_split(paths.TRAIN_DATA)
     test_x, test_y = load_split(paths.TEST_DATA)
+    num_classes = dataset_info(params).num_classes
+    if num_classes < 2:
+        return _skip(params, test_y, f"the dataset has {num_classes} classes, so no labels")
     start = time.perf_counter()
     model = train_classifier(
         train_x,
@@ -76,7 +100,7 @@ def run(params: Params) -> dict[str, Any]:
         seed=params.seed,
         device=device,
         feature_dim=cfg.feature_dim,
-        num_classes=params.dataset.num_classes,
+        num_classes=num_classes,
     )
     train_s = time.perf_counter() - start
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

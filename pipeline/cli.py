@@ -318,6 +318,70 @@ def check_params(
     _run(show, params)
 
 
+profile_app = typer.Typer(
+    help="Profiles: params.yaml values for a dataset and machine (docs/profiles/NAME.yaml).",
+    no_args_is_help=True,
+)
+app.add_typer(profile_app, name="profile")
+ProfileArgument = Annotated[
+    str, typer.Argument(help="A profile name (`diffusion profile list`) or a .yaml file.")
+]
+
+
+def _profile(name: str, params: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(base, merged)`` mappings; a bad base or profile prints one line and exits 2."""
+    import yaml
+
+    from pipeline.profiles import merged_params
+
+    try:
+        try:
+            base = yaml.safe_load(params.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ParamsError(f"{params}: cannot read ({exc})") from None
+        if not isinstance(base, dict):
+            raise ParamsError(f"{params}: expected a mapping of sections")
+        merged, _ = merged_params(base, name)
+    except ParamsError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    return base, merged
+
+
+@profile_app.command("list")
+def profile_list() -> None:
+    """The shipped profiles, one per line with its first comment line."""
+    from pipeline.profiles import profile_names, profile_path
+
+    for name in profile_names():
+        first = profile_path(name).read_text().splitlines()[0].lstrip("# ").strip()
+        typer.echo(f"{name}: {first}")
+
+
+@profile_app.command("show")
+def profile_show(name: ProfileArgument, params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Print the parameters the profile gives (params.yaml merged with it, validated)."""
+    import yaml
+
+    _, merged = _profile(name, params)
+    typer.echo(yaml.safe_dump(merged, sort_keys=False), nl=False)
+
+
+@profile_app.command("args")
+def profile_args(name: ProfileArgument, params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Print `-S key=value ...` that turn params.yaml into the profile's parameters:
+    `dvc exp run $(diffusion profile args NAME)`."""
+    from pipeline.profiles import dvc_overrides
+
+    base, merged = _profile(name, params)
+    try:
+        overrides = dvc_overrides(base, merged)
+    except ParamsError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(" ".join(f"-S {o}" for o in overrides))
+
+
 def main() -> None:
     """Console-script entry point (``diffusion``)."""
     app(prog_name="diffusion")

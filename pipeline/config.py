@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class DatasetInfo(NamedTuple):
@@ -23,14 +30,23 @@ class DatasetInfo(NamedTuple):
     size: int  # number of images
     image_size: int
     channels: int
-    num_classes: int
+    num_classes: int  # 0: unlabelled (a flat image folder)
     pixel_levels: int  # distinct pixel values (bits/dim are reported on this scale)
 
 
+#: the registered datasets of fixed shape (``diffusion_core.data.DATASETS``); ``folder`` is not
+#: here: its facts come from the files (:func:`pipeline.dataset.dataset_info`)
 DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo(size=1797, image_size=8, channels=1, num_classes=10, pixel_levels=17),
     "mnist": DatasetInfo(size=70000, image_size=28, channels=1, num_classes=10, pixel_levels=256),
+    "fashion_mnist": DatasetInfo(
+        size=70000, image_size=28, channels=1, num_classes=10, pixel_levels=256
+    ),
+    "cifar10": DatasetInfo(size=60000, image_size=32, channels=3, num_classes=10, pixel_levels=256),
 }
+FOLDER = "folder"
+#: the pixel levels of image files read with Pillow (8 bits per channel)
+FOLDER_PIXEL_LEVELS = 256
 
 SAMPLERS = ("ddpm", "ddim", "sde", "pc", "ode_heun", "ode_rk45",
             "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "edm_heun")
@@ -46,9 +62,25 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    dataset: Literal["digits", "mnist"]
-    root: str | None = None
+    dataset: Literal["digits", "mnist", "fashion_mnist", "cifar10", "folder"]
+    root: str | None = Field(None, description="folder of the dataset's files")
+    download: bool = Field(
+        False, description="fetch missing mnist / fashion_mnist / cifar10 files (needs a network)"
+    )
+    image_size: int | None = Field(
+        None, ge=1, description="folder: the size images are resized to; others: null (auto)"
+    )
+    channels: int | None = Field(
+        None, description="folder: 1 grey / 3 RGB (converted), null = as the files are"
+    )
     test_fraction: float = Field(gt=0.0, lt=1.0)
+
+    @field_validator("channels")
+    @classmethod
+    def _one_or_three(cls, value: int | None) -> int | None:
+        if value not in (None, 1, 3):
+            raise ValueError("must be 1 (grey), 3 (RGB) or null")
+        return value
 
 
 class ProcessParams(_Section):
@@ -264,20 +296,6 @@ class Params(_Section):
     evaluate: EvaluateParams
     tracking: TrackingParams = TrackingParams()
 
-    @property
-    def dataset(self) -> DatasetInfo:
-        return DATASETS[self.data.dataset]
-
-    @property
-    def test_size(self) -> int:
-        """A lower bound on the held-out split's size.
-
-        ``train_test_split`` rounds each class's test share, losing at most half an image per
-        class; the exact size is in ``data/prepared/info.json``.
-        """
-        info = self.dataset
-        return int(info.size * self.data.test_fraction - info.num_classes / 2)
-
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
         for message in _cross_field_errors(self):
@@ -292,29 +310,93 @@ class Params(_Section):
         return self.methods[name]
 
 
+def held_out_size(info: DatasetInfo, test_fraction: float) -> int:
+    """A lower bound on the test split of ``info.size`` images (stratified rounding per class)."""
+    return int(info.size * test_fraction - max(info.num_classes, 1) / 2)
+
+
+def _data_errors(data: DataParams, info: DatasetInfo | None) -> list[str]:
+    """``data`` keys that do not fit the dataset (``info`` is None for a folder)."""
+    if info is None:
+        errors = []
+        if data.root is None:
+            errors.append("data.root: the folder dataset needs root: <folder of images> (got None)")
+        if data.image_size is None:
+            errors.append(
+                "data.image_size: the folder dataset needs the size images are resized to "
+                "(got None)"
+            )
+        return errors
+    errors = []
+    if data.image_size not in (None, info.image_size):
+        errors.append(
+            f"data.image_size: {data.dataset} images are {info.image_size}x{info.image_size}; set "
+            f"null or {info.image_size} (got {data.image_size})"
+        )
+    if data.channels not in (None, info.channels):
+        errors.append(
+            f"data.channels: {data.dataset} images have {info.channels} channel(s); set null or "
+            f"{info.channels} (got {data.channels})"
+        )
+    return errors
+
+
+def dataset_errors(p: Params, info: DatasetInfo) -> list[str]:
+    """Messages for values that do not fit the dataset's size, classes or labels.
+
+    Checked at validation for the registered datasets; for a folder (whose facts come from its
+    files) by ``diffusion check-params`` and again by ``prepare``.
+    """
+    errors: list[str] = []
+    what = f"the image folder {p.data.root}" if p.data.dataset == FOLDER else p.data.dataset
+    strata = max(info.num_classes, 1)  # the split rounds each class's share (one if unlabelled)
+    train_size = info.size - int(info.size * p.data.test_fraction + strata / 2) - 1
+    if p.train.batch_size > train_size:
+        errors.append(
+            f"train.batch_size: must not exceed the {train_size} training images "
+            f"(got {p.train.batch_size})"
+        )
+    test_size = held_out_size(info, p.data.test_fraction)
+    if p.evaluate.bpd_images > test_size:
+        errors.append(
+            f"evaluate.bpd_images: must not exceed the {test_size} test images "
+            f"(got {p.evaluate.bpd_images})"
+        )
+    if info.num_classes == 0 and p.model.conditional:
+        errors.append(
+            f"model.conditional: {what} is flat (no class subfolders), so it has no labels; set "
+            "model.conditional: false or sort the images into one subfolder per class (got True)"
+        )
+    if info.num_classes < 2 and p.evaluate.extractor == "classifier":
+        errors.append(
+            f"evaluate.extractor: the classifier extractor learns from class labels and {what} "
+            f"has {info.num_classes} classes; use inception or two or more class subfolders "
+            "(got 'classifier')"
+        )
+    for name, m in p.methods.items():
+        bad = [c for c in m.classes or [] if c >= info.num_classes]
+        if bad:
+            errors.append(
+                f"methods.{name}.classes: labels must be below {info.num_classes} "
+                f"(got {m.classes})"
+            )
+    return errors
+
+
 def _cross_field_errors(p: Params) -> list[str]:
     """Messages ``key: problem (got value)`` for values that are wrong only together."""
     errors: list[str] = []
-    pr, info = p.process, p.dataset
+    pr, info = p.process, DATASETS.get(p.data.dataset)
+    errors += _data_errors(p.data, info)
     if pr.beta_end <= pr.beta_start:
         errors.append(f"process.beta_end: must exceed process.beta_start (got {pr.beta_end})")
     if pr.beta_max <= pr.beta_min:
         errors.append(f"process.beta_max: must exceed process.beta_min (got {pr.beta_max})")
     if pr.sigma_max <= pr.sigma_min:
         errors.append(f"process.sigma_max: must exceed process.sigma_min (got {pr.sigma_max})")
-    size = info.image_size
-    resolutions = [size // 2**i for i in range(len(p.model.channel_mults))]
-    if size % 2 ** (len(p.model.channel_mults) - 1):
-        errors.append(
-            f"model.channel_mults: {len(p.model.channel_mults)} levels do not divide the "
-            f"{size}x{size} images (got {p.model.channel_mults})"
-        )
-    for r in p.model.attention_resolutions:
-        if r not in resolutions:
-            errors.append(
-                f"model.attention_resolutions: {r} is not a U-Net resolution "
-                f"{resolutions} (got {p.model.attention_resolutions})"
-            )
+    size = info.image_size if info is not None else p.data.image_size
+    if size is not None:
+        errors += _architecture_errors(p.model, size)
     if p.train.batch_size % p.train.nproc:
         errors.append(
             f"train.batch_size: must be divisible by train.nproc={p.train.nproc} "
@@ -325,28 +407,42 @@ def _cross_field_errors(p: Params) -> list[str]:
             f"sample.nproc: more processes than the sample.n_images={p.sample.n_images} images "
             f"(got {p.sample.nproc})"
         )
-    train_size = info.size - int(info.size * p.data.test_fraction + info.num_classes / 2) - 1
-    if p.train.batch_size > train_size:
-        errors.append(
-            f"train.batch_size: must not exceed the {train_size} training images "
-            f"(got {p.train.batch_size})"
-        )
-    if p.evaluate.bpd_images > p.test_size:
-        errors.append(
-            f"evaluate.bpd_images: must not exceed the {p.test_size} test images "
-            f"(got {p.evaluate.bpd_images})"
-        )
     if p.evaluate.bpd_images > 0 and not any(m.sampler == "ode_rk45" for m in p.methods.values()):
         errors.append(
             "evaluate.bpd_images: bits/dim are computed for ode_rk45 methods (their rtol/atol "
             f"set the ODE solver) and there is none (got {p.evaluate.bpd_images})"
         )
+    errors += _method_errors(p)
+    if info is not None:
+        errors += dataset_errors(p, info)
+    return errors
+
+
+def _architecture_errors(m: ModelParams, size: int) -> list[str]:
+    errors = []
+    resolutions = [size // 2**i for i in range(len(m.channel_mults))]
+    if size % 2 ** (len(m.channel_mults) - 1):
+        errors.append(
+            f"model.channel_mults: {len(m.channel_mults)} levels do not divide the "
+            f"{size}x{size} images (got {m.channel_mults})"
+        )
+    for r in m.attention_resolutions:
+        if r not in resolutions:
+            errors.append(
+                f"model.attention_resolutions: {r} is not a U-Net resolution "
+                f"{resolutions} (got {m.attention_resolutions})"
+            )
+    return errors
+
+
+def _method_errors(p: Params) -> list[str]:
+    errors = []
     for name, m in p.methods.items():
         key = f"methods.{name}"
         steps = getattr(m, "steps", None)
-        if pr.name == "ddpm" and steps is not None and steps > pr.num_steps:
+        if p.process.name == "ddpm" and steps is not None and steps > p.process.num_steps:
             errors.append(
-                f"{key}.steps: must not exceed process.num_steps={pr.num_steps} for the "
+                f"{key}.steps: must not exceed process.num_steps={p.process.num_steps} for the "
                 f"discrete DDPM process (got {steps})"
             )
         if m.unconditional and m.guidance > 0:
@@ -364,14 +460,8 @@ def _cross_field_errors(p: Params) -> list[str]:
                 f"{key}.guidance: needs a class-conditional model (model.conditional: true) "
                 f"(got {m.guidance})"
             )
-        if m.classes is not None:
-            if not p.model.conditional:
-                errors.append(f"{key}.classes: needs a class-conditional model (got {m.classes})")
-            bad = [c for c in m.classes if c >= info.num_classes]
-            if bad:
-                errors.append(
-                    f"{key}.classes: labels must be below {info.num_classes} (got {m.classes})"
-                )
+        if m.classes is not None and not p.model.conditional:
+            errors.append(f"{key}.classes: needs a class-conditional model (got {m.classes})")
     return errors
 
 

@@ -51,6 +51,7 @@ from diffusion_core.metrics import classification_accuracy, extract_features, in
 from pipeline import paths
 from pipeline.classifier import features, held_out_halves, load_classifier
 from pipeline.config import Params, RK45Method
+from pipeline.dataset import dataset_info
 from pipeline.errors import StageError
 from pipeline.files import read_json, write_json, write_provenance
 from pipeline.prepare import load_split
@@ -110,7 +111,7 @@ def _bits_per_dim(params: Params, method: str, device: torch.device) -> dict[str
         return {}
     denoiser, process, _ = load_model(device)
     test_x, _ = load_split(paths.TEST_DATA)
-    num_levels = params.dataset.pixel_levels
+    num_levels = dataset_info(params).pixel_levels
     levels = to_levels(test_x[:count], num_levels)
     values, nfe = [], 0
     bar = Progress(count, f"{method} bits/dim", unit="img", every=max(1, count // 10))
@@ -164,17 +165,17 @@ def run(params: Params, method: str) -> dict[str, Any]:
         return _skipped(params, method, sample_record)
     device = default_device()
     samples = _load_samples(method)
-    levels = params.dataset.pixel_levels
+    levels = dataset_info(params).pixel_levels
     images = from_levels(to_levels(from_uint8(samples["images"]), levels), levels)
     n = images.shape[0]
     name, ev = params.evaluate.extractor, params.evaluate
     train_x, _ = load_split(paths.TRAIN_DATA)
     test_x, test_y = load_split(paths.TEST_DATA)
     ref_f, floor_f = _reference(params, test_x, test_y, device)
-    classifier = load_classifier(device)
     if name == "classifier":
         with Progress(n, f"{method} features", unit="img", every=ev.batch_size) as bar:
-            sample_f = features(classifier, images, ev.batch_size, device, bar.update).numpy()
+            sample_f = features(load_classifier(device), images, ev.batch_size, device,
+                                bar.update).numpy()
     else:
         sample_f = _inception(images, params, device, f"{method} features")
     ref_idx, floor_idx = held_out_halves(params, test_y)
@@ -203,7 +204,7 @@ def run(params: Params, method: str) -> dict[str, Any]:
     labels = samples.get("labels")
     if labels is not None:
         metrics["class_accuracy"] = classification_accuracy(
-            classifier, images, labels, ev.batch_size, device
+            load_classifier(device), images, labels, ev.batch_size, device
         )
     record = {
         "status": "ok",

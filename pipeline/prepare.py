@@ -1,7 +1,9 @@
 """Stage ``prepare``: load the dataset, split it by class, write ``data/prepared/``.
 
 ``train.pt`` and ``test.pt`` hold ``{"images": float32 (N, C, H, W) in [-1, 1], "labels": int64}``;
-``info.json`` the shapes, class counts and content digests (provenance: ``provenance/prepare.json``).
+``info.json`` the shapes, class counts and content digests (provenance: ``provenance/prepare.json``),
+the pixel levels, the ``data`` keys that chose the images (``source``) and, for an image folder,
+its class names (``classes``; empty when flat: every label is 0 and the dataset is unlabelled).
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import torch
 from torch import Tensor
 
 from diffusion_core.checkpoint import load_checkpoint, save_atomic
-from diffusion_core.data import DatasetUnavailable, load_dataset, train_test_split
+from diffusion_core.data import train_test_split
 from pipeline import paths
-from pipeline.config import Params
-from pipeline.errors import StageError
+from pipeline.config import Params, ParamsError, dataset_errors
+from pipeline.dataset import load, source
 from pipeline.files import write_json, write_provenance
 
 
@@ -43,10 +45,10 @@ def _class_counts(labels: Tensor) -> dict[str, int]:
 
 def run(params: Params) -> dict[str, Any]:
     """Write ``data/prepared/{train,test}.pt`` and ``info.json``; returns the info record."""
-    try:
-        images, labels = load_dataset(params.data.dataset, root=params.data.root)
-    except DatasetUnavailable as exc:
-        raise StageError(f"dataset {params.data.dataset!r} unavailable: {exc}") from None
+    images, labels, facts, classes = load(params)
+    errors = dataset_errors(params, facts)  # a folder's facts are known only now
+    if errors:
+        raise ParamsError(errors[0])
     train_x, train_y, test_x, test_y = train_test_split(
         images, labels, params.data.test_fraction, params.seed
     )
@@ -55,7 +57,9 @@ def run(params: Params) -> dict[str, Any]:
     info = {
         "dataset": params.data.dataset,
         "image_shape": list(images.shape[1:]),
-        "num_classes": int(labels.max()) + 1,
+        "num_classes": facts.num_classes,
+        "pixel_levels": facts.pixel_levels,
+        "source": source(params.data),
         "n_train": int(train_x.shape[0]),
         "n_test": int(test_x.shape[0]),
         "train_classes": _class_counts(train_y),
@@ -63,6 +67,8 @@ def run(params: Params) -> dict[str, Any]:
         "train_digest": tensor_digest(train_x, train_y),
         "test_digest": tensor_digest(test_x, test_y),
     }
+    if classes is not None:
+        info["classes"] = classes
     write_json(paths.DATA_INFO, info)
     write_provenance("prepare", params)
     print(

@@ -26,6 +26,7 @@ from diffusion_core.training import TrainConfig, TrainResult, train
 from diffusion_core.unet import UNet
 from pipeline import paths
 from pipeline.config import Params, ParamsError, flatten, params_hash, train_config_hash
+from pipeline.dataset import dataset_info
 from pipeline.errors import StageError, StageInterruptedError
 from pipeline.files import (
     file_digest,
@@ -43,7 +44,7 @@ from pipeline.tracking import Tracker, run_name, run_tags
 
 def build_unet(params: Params) -> UNet:
     """The U-Net ``params.model`` describes for the dataset (a ParamsError if it cannot exist)."""
-    m, info = params.model, params.dataset
+    m, info = params.model, dataset_info(params)
     try:
         return UNet(
             in_channels=info.channels,

@@ -1,8 +1,10 @@
-"""Tests of the datasets: digits, the MNIST idx reader, the stratified split, uint8 conversion."""
+"""Tests of the datasets: digits, the idx reader (MNIST, Fashion-MNIST), CIFAR-10 batches, the
+stratified split, uint8 conversion."""
 
 from __future__ import annotations
 
 import gzip
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from diffusion_core.data import (
     DatasetUnavailable,
     from_uint8,
     load_dataset,
+    read_cifar_batch,
     read_idx,
     to_uint8,
     train_test_split,
@@ -56,7 +59,7 @@ def test_digits_shape_range_and_scaling() -> None:
 def test_unknown_dataset_lists_known_names() -> None:
     with pytest.raises(ValueError, match="digits.*mnist"):
         load_dataset("cifar100")
-    assert {"digits", "mnist"} <= set(data.DATASETS)
+    assert {"digits", "mnist", "fashion_mnist", "cifar10"} <= set(data.DATASETS)
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -118,6 +121,96 @@ def test_mnist_failed_download_raises_dataset_unavailable(
     monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
     with pytest.raises(DatasetUnavailable, match="download"):
         load_dataset("mnist", root=tmp_path, download=True)
+
+
+def test_fashion_mnist_reads_its_torchvision_layout(tmp_path: Path) -> None:
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    train = fake_mnist(raw, "train", 5, seed=3, compress=True)
+    images, labels = load_dataset("fashion_mnist", root=tmp_path)
+    assert images.shape == (5, 1, 28, 28) and labels.tolist() == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(images[:, 0].numpy(), train / 127.5 - 1.0, rtol=0, atol=1e-6)
+
+
+def fake_cifar(folder: Path, n: int = 2) -> np.ndarray:
+    """Six pickled python batches of ``n`` images each, as in cifar-10-python.tar.gz."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    everything = []
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        images = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        batch = {"batch_label": name, "labels": [(i + j) % 10 for j in range(n)], "data": images}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+        everything.append(images)
+    return np.concatenate(everything).reshape(-1, 3, 32, 32)
+
+
+def test_cifar10_reads_the_python_batches_in_order(tmp_path: Path) -> None:
+    expected = fake_cifar(tmp_path / "cifar-10-batches-py")
+    images, labels = load_dataset("cifar10", root=tmp_path)
+    assert images.shape == (12, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.tolist() == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
+    np.testing.assert_allclose(images.numpy(), expected / 127.5 - 1.0, rtol=0, atol=1e-6)
+
+
+def test_cifar10_batch_reader_runs_no_code(tmp_path: Path) -> None:
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (print, ("pwned",))
+
+    (tmp_path / "evil").write_bytes(pickle.dumps({"data": Payload(), "labels": []}))
+    with pytest.raises(DatasetUnavailable, match="refusing to load builtins.print"):
+        read_cifar_batch(tmp_path / "evil")
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
+def test_offline_missing_files_say_where_to_put_what(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    import torchvision.datasets
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("download=False must not touch the network")
+
+    for cls in ("MNIST", "FashionMNIST", "CIFAR10"):
+        monkeypatch.setattr(torchvision.datasets, cls, no_network)
+    expected = {
+        "mnist": ["t10k-images-idx3-ubyte", str(tmp_path / "MNIST" / "raw")],
+        "fashion_mnist": ["train-labels-idx1-ubyte", str(tmp_path / "FashionMNIST" / "raw")],
+        "cifar10": ["data_batch_1", "test_batch", str(tmp_path / "cifar-10-batches-py"),
+                    "cifar-10-python.tar.gz"],
+    }[name]
+    with pytest.raises(DatasetUnavailable) as info:
+        load_dataset(name, root=tmp_path)
+    message = str(info.value)
+    assert all(part in message for part in expected) and "\n" not in message
+    assert "download" in message
+
+
+def test_cifar10_names_the_missing_batches(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    fake_cifar(folder)
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DatasetUnavailable, match="; missing data_batch_3;"):
+        load_dataset("cifar10", root=tmp_path)
+
+
+@pytest.mark.parametrize(("name", "cls"), [("fashion_mnist", "FashionMNIST"), ("cifar10", "CIFAR10")])
+def test_failed_download_raises_dataset_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, cls: str
+) -> None:
+    import torchvision.datasets
+
+    calls = []
+
+    def offline(*args: object, **kwargs: object) -> None:
+        calls.append(kwargs)
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, cls, offline)
+    with pytest.raises(DatasetUnavailable, match=f"{name} download into .* failed .*no network"):
+        load_dataset(name, root=tmp_path, download=True)
+    assert calls and calls[0]["download"] is True
 
 
 @pytest.mark.skipif(not REAL_MNIST.is_dir(), reason="real MNIST test set not available")

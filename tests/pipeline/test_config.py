@@ -15,8 +15,10 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import (
+    DATASETS,
     ParamsError,
     flatten,
+    held_out_size,
     load_params,
     params_hash,
     train_config_hash,
@@ -46,7 +48,7 @@ def test_default_params_validate() -> None:
 def test_n_images_is_not_capped_by_the_test_split() -> None:
     """The floor is matched to n by extrapolation, so n may exceed the held-out images."""
     params = validate_params(edited(_set("sample", "n_images", 5000)))
-    assert params.sample.n_images == 5000 > params.test_size
+    assert params.sample.n_images == 5000 > held_out_size(DATASETS["digits"], 0.25)
 
 
 def test_tiny_params_validate() -> None:
@@ -149,6 +151,55 @@ BAD += [
         "methods.u.unconditional: samples with the null label, so it takes no classes",
     ),
 ]
+
+
+BAD += [
+    (
+        "image size of mnist",
+        lambda r: r["data"].update(dataset="mnist", image_size=32),
+        "data.image_size: mnist images are 28x28; set null or 28 (got 32)",
+    ),
+    (
+        "channels of cifar10",
+        lambda r: r["data"].update(dataset="cifar10", channels=1),
+        "data.channels: cifar10 images have 3 channel(s); set null or 3 (got 1)",
+    ),
+    ("two channels", _set("data", "channels", 2), "data.channels: Value error, must be 1 (grey)"),
+    (
+        "folder without root",
+        lambda r: r["data"].update(dataset="folder", image_size=8),
+        "data.root: the folder dataset needs root",
+    ),
+    (
+        "folder without size",
+        lambda r: r["data"].update(dataset="folder", root="images"),
+        "data.image_size: the folder dataset needs the size images are resized to",
+    ),
+    (
+        "folder size vs levels",
+        lambda r: r["data"].update(dataset="folder", root="images", image_size=7),
+        "model.channel_mults: 2 levels do not divide the 7x7 images",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("dataset", "shape"), [("fashion_mnist", (1, 28)), ("cifar10", (3, 32)), ("mnist", (1, 28))]
+)
+def test_registered_datasets_validate_with_their_facts(dataset: str, shape: tuple[int, int]) -> None:
+    raw = tiny_raw()
+    raw["data"].update(dataset=dataset, root="somewhere", image_size=shape[1], channels=shape[0])
+    raw["model"]["attention_resolutions"] = [shape[1] // 2]
+    params = validate_params(raw)
+    assert (DATASETS[dataset].channels, DATASETS[dataset].image_size) == shape
+    assert params.data.download is False
+
+
+def test_folder_params_validate_without_touching_the_disk() -> None:
+    raw = tiny_raw()
+    raw["data"].update(dataset="folder", root="/no/such/folder", image_size=8, channels="3")
+    params = validate_params(raw)
+    assert params.data.channels == 3 and params.data.image_size == 8
 
 
 @pytest.mark.parametrize("conditional", [True, False])
