@@ -88,7 +88,7 @@ __all__ = [
 CHECKPOINT_FORMAT = "diffusion-toolkit/train-checkpoint-v1"
 MODEL_FORMAT = "diffusion-toolkit/model-v1"
 PREDICTIONS = ("eps", "x0", "v")
-MIXED_PRECISION = ("no", "bf16", "auto")
+MIXED_PRECISION = ("fp32", "no", "bf16", "auto")  # "no" is the older name of "fp32"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -99,7 +99,7 @@ class TrainConfig:
 
     ``batch_size`` is the GLOBAL batch, split evenly across ranks. ``grad_clip = 0`` disables
     clipping. ``checkpoint_every = 0`` saves only at the end (and on interrupt).
-    ``mixed_precision``: ``"no"``, ``"bf16"`` (CUDA autocast) or ``"auto"`` (bf16 on CUDA when
+    ``mixed_precision``: ``"fp32"`` (or ``"no"``), ``"bf16"`` (CUDA autocast) or ``"auto"`` (bf16 on CUDA when
     supported, else no). ``compile`` wraps the model in ``torch.compile(mode=compile_mode)``
     (``"reduce-overhead"`` adds CUDA graphs); ``"auto"`` compiles on one CUDA device only (3x
     the eager images/s of a small U-Net on an H200; on the CPU compilation costs minutes, and
@@ -277,7 +277,7 @@ def _autocast(mode: str, device: torch.device) -> contextlib.AbstractContextMana
     if mode == "bf16":
         if device.type != "cuda":
             raise ValueError(
-                f"mixed_precision='bf16' needs CUDA, the device is {device}; use 'auto' or 'no'"
+                f"mixed_precision='bf16' needs CUDA, the device is {device}; use 'auto' or 'fp32'"
             )
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

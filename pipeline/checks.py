@@ -49,7 +49,7 @@ def check_buildable(params: Params) -> None:
             cuda = torch.cuda.is_available()
         if not cuda:
             raise ParamsError(
-                "train.mixed_precision: bf16 needs CUDA and there is none; use auto or no "
+                "train.mixed_precision: bf16 needs CUDA and there is none; use auto or fp32 "
                 "(got 'bf16')"
             )
 

@@ -128,7 +128,7 @@ class TrainParams(_Section):
     p_uncond: float = Field(ge=0.0, lt=1.0)
     nproc: int = Field(ge=1)
     threads_per_proc: int = Field(ge=1)
-    mixed_precision: Literal["no", "bf16", "auto"]
+    mixed_precision: Literal["fp32", "no", "bf16", "auto"]
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile the model; auto = on one CUDA device only")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",
