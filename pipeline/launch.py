@@ -8,6 +8,8 @@ a single ``diffusion`` command:
 - Exit codes: torchrun exits 1 whatever its workers returned; each worker writes the code it
   means to a status folder (:func:`pipeline.guard.record_exit`) and this launcher exits with it:
   2 bad parameters, 1 failure, 130/143 interrupted by SIGINT/SIGTERM.
+- One process on one node (``--nproc-per-node=1``, the sample stage's default) runs the worker
+  directly, without torchrun's ~3 s start (:func:`direct_command`).
 - One line per problem: the workers' identical lines (one per rank) are printed once; torchrun's
   own log lines and its ``ChildFailedError``/``SignalException`` traceback are hidden
   (``DIFFUSION_DEBUG=1`` shows everything).
@@ -108,6 +110,30 @@ def _exit_code(rc: int, signum: int | None, status_dir: Path) -> int:
     return rc or 1
 
 
+#: torchrun options a one-process, one-node job may carry and still run without torchrun
+_SINGLE_OK = {"--standalone", "--nnodes=1", "--nproc-per-node=1", "--nproc_per_node=1"}
+
+
+def direct_command(cmd: list[str]) -> list[str]:
+    """``cmd`` without torchrun when it asks for ONE process on ONE node: ``python -m
+    torch.distributed.run --standalone --nnodes=1 --nproc-per-node=1 -m MOD ARGS`` becomes
+    ``python -m MOD ARGS``. torchrun's rendezvous and agent cost about 3 s per start, and a
+    single worker without torchrun's variables is the same one-process run
+    (:func:`diffusion_core.distributed.setup_distributed`). Any other command is returned as is."""
+    try:
+        at = cmd.index("torch.distributed.run")
+    except ValueError:
+        return cmd
+    if at < 2 or cmd[at - 1] != "-m" or "-m" not in cmd[at + 1 :]:
+        return cmd
+    module_at = cmd.index("-m", at + 1)
+    options = cmd[at + 1 : module_at]
+    one = any(o in ("--nproc-per-node=1", "--nproc_per_node=1") for o in options)
+    if not one or not set(options) <= _SINGLE_OK:
+        return cmd
+    return [*cmd[: at - 1], *cmd[module_at:]]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--" not in args:
@@ -119,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if own and (code := _validate(own[1])):
         return code
 
+    cmd = direct_command(cmd)
     received: list[int] = []
     with tempfile.TemporaryDirectory(prefix="diffusion-status-") as status:
         env = dict(os.environ, **{guard.STATUS_DIR_ENV: status})

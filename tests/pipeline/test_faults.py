@@ -323,3 +323,18 @@ def test_a_worker_dies_with_its_parent(tmp_path: Path) -> None:
     stat = Path(f"/proc/{pid}/stat")
     assert not stat.exists() or stat.read_text().split()[2] == "Z"
 
+
+
+def test_a_one_process_job_runs_without_torchrun_and_others_keep_it():
+    from pipeline.launch import direct_command
+
+    head = ["python", "-m", "torch.distributed.run", "--standalone", "--nnodes=1"]
+    job = ["-m", "pipeline", "sample", "--params", "params.yaml", "--method", "ddpm"]
+    assert direct_command([*head, "--nproc-per-node=1", *job]) == ["python", *job]
+    two = [*head, "--nproc-per-node=2", *job]
+    assert direct_command(two) == two
+    multinode = ["python", "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                 "--rdzv-endpoint=host:29500", *job]
+    assert direct_command(multinode) == multinode
+    assert direct_command(["python", "-m", "pipeline", "train"]) == ["python", "-m", "pipeline",
+                                                                     "train"]
