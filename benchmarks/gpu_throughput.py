@@ -158,6 +158,8 @@ def main() -> None:
     parser.add_argument("--configs", default=None,
                         help="comma-separated training configurations to run (default: all)")
     parser.add_argument("--batch", type=int, default=None, help="training batch size")
+    parser.add_argument("--diffusers", action="store_true",
+                        help="also time DPM-Solver++/UniPC against diffusers' scheduler loop")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
     device = default_device()
@@ -225,6 +227,20 @@ def main() -> None:
             lines.append(f"| {label} | {net_label} | {steps_} | {nfe} | {wall:.2f} | {ratio:.2f} |")
             print(lines[-1], flush=True)
             flush()
+    if args.diffusers:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from fast_samplers import compare_with_diffusers
+
+        torch.manual_seed(0)
+        net = unet().to(device).eval()
+        x_T = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(device)
+        rows = compare_with_diffusers(net, x_T, None, [10, 20], 5, lambda: sync(device))
+        keys = ["sampler", "nfe", "batch", "forward_ms", "ours_s", "diffusers_s",
+                "ours_overhead", "diffusers_overhead", "ours_vs_diffusers", "max_abs_diff"]
+        lines += ["", "Ours vs diffusers' scheduler loop on the same network and noise:", "",
+                  "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+        flush()
     print("\n".join(lines))
 
 
