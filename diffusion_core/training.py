@@ -7,7 +7,9 @@ One optimiser step ``k`` (0-based) minimises the denoising loss of :mod:`diffusi
     lr_k = lr * min(1, (k + 1) / warmup_steps),
 
 gradient-norm clipping ``g <- g * min(1, grad_clip / ||g||)`` and an EMA of the weights
-(:mod:`diffusion_core.ema`).
+(:mod:`diffusion_core.ema`: exponential with warm-up, or EDM2's power function when ``ema_std`` is
+set). The loss weighting (``none``, ``min_snr``, ``edm``) and the training distribution of ``t``
+(``uniform``, ``log_normal``) are those of :mod:`diffusion_core.losses`.
 
 Data order. Epoch ``e`` visits ``randperm(N)`` drawn from a generator seeded by ``(seed, e)`` in
 global batches of ``batch_size`` (the last incomplete batch is dropped, as ``DistributedSampler``
@@ -71,8 +73,9 @@ from diffusion_core.distributed import (
     broadcast_object,
     rank0_print,
 )
-from diffusion_core.ema import EMA, unwrap_model
-from diffusion_core.losses import denoising_loss
+from diffusion_core.ema import EMA, MAX_POWER_EMA_STD, unwrap_model
+from diffusion_core.losses import LOSS_WEIGHTINGS, denoising_loss
+from diffusion_core.noise_levels import EDM_P_MEAN, EDM_P_STD, T_SAMPLINGS
 
 __all__ = [
     "MODEL_FORMAT",
@@ -105,6 +108,10 @@ class TrainConfig:
     the eager images/s of a small U-Net on an H200; on the CPU compilation costs minutes, and
     under DDP it is not measured). ``channels_last`` stores weights and batches in NHWC order.
     See ``benchmarks/results/throughput_cuda_*.md`` for the measurements.
+    ``loss_weighting`` (with ``min_snr_gamma``, ``sigma_data``) and ``t_sampling`` (with
+    ``p_mean``, ``p_std``) go to :func:`~diffusion_core.losses.denoising_loss`; ``ema_std``
+    (``None``: exponential EMA with ``ema_decay``) to :class:`~diffusion_core.ema.EMA`. The
+    defaults are the recipe of Ho et al. 2020.
     """
 
     steps: int = 1000
@@ -115,6 +122,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
+    ema_std: float | None = None
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
+    sigma_data: float = 0.5
+    t_sampling: str = "uniform"
+    p_mean: float = EDM_P_MEAN
+    p_std: float = EDM_P_STD
     p_uncond: float = 0.0
     prediction: str = "eps"
     mixed_precision: str = "auto"
@@ -135,6 +149,20 @@ class TrainConfig:
             (self.warmup_steps >= 0, "warmup_steps", "must be >= 0"),
             (self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)"),
             (0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)"),
+            (
+                self.ema_std is None or 0 < self.ema_std <= MAX_POWER_EMA_STD,
+                "ema_std",
+                f"must be None or in (0, {MAX_POWER_EMA_STD}]",
+            ),
+            (
+                self.loss_weighting in LOSS_WEIGHTINGS,
+                "loss_weighting",
+                f"must be one of {LOSS_WEIGHTINGS}",
+            ),
+            (self.min_snr_gamma > 0, "min_snr_gamma", "must be > 0"),
+            (self.sigma_data > 0, "sigma_data", "must be > 0"),
+            (self.t_sampling in T_SAMPLINGS, "t_sampling", f"must be one of {T_SAMPLINGS}"),
+            (self.p_std > 0, "p_std", "must be > 0"),
             (0 <= self.p_uncond <= 1, "p_uncond", "must be in [0, 1]"),
             (self.prediction in PREDICTIONS, "prediction", f"must be one of {PREDICTIONS}"),
             (
@@ -457,7 +485,7 @@ def train(
     if ws > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(raw, device_ids=ids)  # broadcasts rank 0
-    ema = EMA(raw, cfg.ema_decay, cfg.ema_warmup)
+    ema = EMA(raw, cfg.ema_decay, cfg.ema_warmup, std=cfg.ema_std)
     # fused AdamW: one kernel for all parameters on CUDA (the CPU path stays the reference one)
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
@@ -549,6 +577,12 @@ def train(
                         generator=noise,
                         p_uncond=cfg.p_uncond,
                         null_label=null_label,
+                        weighting=cfg.loss_weighting,
+                        min_snr_gamma=cfg.min_snr_gamma,
+                        sigma_data=cfg.sigma_data,
+                        t_sampling=cfg.t_sampling,
+                        p_mean=cfg.p_mean,
+                        p_std=cfg.p_std,
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -125,6 +125,20 @@ class TrainParams(_Section):
     grad_clip: float = Field(ge=0.0, description="max gradient norm; 0 = off")
     ema_decay: float = Field(ge=0.0, lt=1.0)
     ema_warmup: bool
+    ema_std: float | None = Field(
+        None, gt=0.0, le=0.28,
+        description="EDM2 power-function EMA of this relative std; null = ema_decay",
+    )
+    loss_weighting: Literal["none", "min_snr", "edm"] = Field(
+        "none", description="weight of the squared error per noise level (diffusion_core.losses)"
+    )
+    min_snr_gamma: float = Field(5.0, gt=0.0, description="gamma of min_snr (Hang et al. 2023)")
+    sigma_data: float = Field(0.5, gt=0.0, description="data std of the edm weighting")
+    t_sampling: Literal["uniform", "log_normal"] = Field(
+        "uniform", description="training distribution of t (diffusion_core.noise_levels)"
+    )
+    p_mean: float = Field(-1.2, description="log_normal: mean of ln(sigma/alpha)")
+    p_std: float = Field(1.2, gt=0.0, description="log_normal: std of ln(sigma/alpha)")
     p_uncond: float = Field(ge=0.0, lt=1.0)
     nproc: int = Field(ge=1)
     threads_per_proc: int = Field(ge=1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion_core.ema import EMA, unwrap_model
+from diffusion_core.ema import EMA, power_ema_gamma, power_ema_std, unwrap_model
 
 
 class Scalar(nn.Module):
@@ -98,3 +98,59 @@ def test_unwrap_model_sees_through_compile_wrappers():
 def test_bad_decay_is_rejected():
     with pytest.raises(ValueError, match="decay"):
         EMA(Scalar(0.0), decay=1.0)
+
+
+# ------------------------------------------------------------- power-function EMA (EDM2)
+
+
+@pytest.mark.parametrize("std, gamma", [(0.05, 16.97), (0.10, 6.94)])
+def test_power_ema_gamma_matches_edm2(std, gamma):
+    # EDM2 (Karras et al. 2024) quotes sigma_rel 0.05 ~ gamma 16.97 and 0.10 ~ gamma 6.94
+    g = power_ema_gamma(std)
+    assert g == pytest.approx(gamma, abs=0.01)
+    assert power_ema_std(g) == pytest.approx(std, rel=1e-10)
+
+
+def test_power_ema_std_outside_the_reachable_range_is_refused():
+    for bad in (0.0, -0.1, 0.3):
+        with pytest.raises(ValueError, match="power EMA std"):
+            power_ema_gamma(bad)
+
+
+def test_power_ema_average_has_the_closed_form_profile():
+    # after K updates the weights after update k (1-based) count
+    # (k^(g+1) - (k-1)^(g+1)) / K^(g+1): a telescoping product of d_k = (1 - 1/k)^(g+1)
+    model = Scalar(123.0)  # the initial value gets weight 0 (d_1 = 0)
+    ema = EMA(model, std=0.1)
+    g = ema.gamma
+    values = torch.randn(40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for v in values:
+        _set(model, float(v))
+        ema.update(model)
+    k = torch.arange(1, 41, dtype=torch.float64)
+    w = (k ** (g + 1) - (k - 1) ** (g + 1)) / 40 ** (g + 1)
+    assert w.sum().item() == pytest.approx(1.0, rel=1e-12)
+    assert ema.module.w.item() == pytest.approx(float((w * values).sum()), rel=1e-10)
+
+
+@pytest.mark.parametrize("std", [0.05, 0.1, 0.2])
+def test_power_ema_profile_width_is_std_of_the_run_length(std):
+    # the profile's standard deviation, as a fraction of the steps so far, is std at any length
+    g = power_ema_gamma(std)
+    for steps in (300, 3000):
+        k = torch.arange(1, steps + 1, dtype=torch.float64)
+        w = (k ** (g + 1) - (k - 1) ** (g + 1)) / steps ** (g + 1)
+        mean = (w * k).sum()
+        width = ((w * (k - mean) ** 2).sum()).sqrt() / steps
+        assert width.item() == pytest.approx(std, rel=0.03)
+
+
+def test_power_ema_state_round_trip_continues_the_profile():
+    model = Scalar(0.0)
+    a, b = EMA(model, std=0.05), EMA(model, std=0.05)
+    for v in (1.0, 2.0, 3.0):
+        _set(model, v)
+        a.update(model)
+    b.load_state_dict(a.state_dict())
+    assert b.current_decay() == a.current_decay() == pytest.approx((3 / 4) ** (a.gamma + 1))
+    assert a.state_dict()["std"] == 0.05

@@ -146,6 +146,18 @@ def test_resume_is_bit_identical_to_one_unbroken_run(tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_weighting_log_normal_t_and_power_ema_resume_bit_identically(tmp_path):
+    opts = {"cfg": {"loss_weighting": "min_snr", "t_sampling": "log_normal", "ema_std": 0.1,
+                    "prediction": "v"}}
+    full = _run(tmp_path / "a", 4, **opts)
+    _run(tmp_path / "b", 2, **opts)
+    rest = _run(tmp_path / "b", 4, **opts)
+    assert rest.resumed and rest.loss == full.loss and math.isfinite(full.loss)
+    _assert_equal_weights(_weights(full.model_path), _weights(rest.model_path))
+    plain = _run(tmp_path / "c", 4)
+    assert plain.loss != full.loss  # the options change what is trained
+
+
 def test_model_file_rebuilds_the_network(tmp_path):
     res = _run(tmp_path, 2)
     m = load_checkpoint(res.model_path)  # weights_only=True

@@ -55,6 +55,19 @@ def test_tiny_params_validate() -> None:
     validate_params(tiny_raw())
 
 
+def test_training_options_default_to_ho_et_al_and_reach_the_library() -> None:
+    from pipeline.train import train_config
+
+    default = train_config(load_params(REPO / "params.yaml"))
+    assert (default.loss_weighting, default.t_sampling, default.ema_std) == ("none", "uniform", None)
+    raw = edited(lambda r: r["train"].update(loss_weighting="min_snr", min_snr_gamma=3,
+                                             t_sampling="log_normal", p_mean=-1, p_std=1.5,
+                                             ema_std=0.1, sigma_data=0.7))
+    cfg = train_config(validate_params(raw))
+    assert (cfg.loss_weighting, cfg.min_snr_gamma, cfg.sigma_data) == ("min_snr", 3.0, 0.7)
+    assert (cfg.t_sampling, cfg.p_mean, cfg.p_std, cfg.ema_std) == ("log_normal", -1.0, 1.5, 0.1)
+
+
 def test_numbers_written_as_strings_are_accepted() -> None:
     """`dvc exp run -S train.lr=1e-05` can leave a YAML-1.1 string behind."""
     params = validate_params(edited(lambda r: r["train"].update(lr="1e-05", steps="10")))
@@ -114,6 +127,9 @@ BAD: list[tuple[str, Edit, str]] = [
         _set("sample", "nproc", 401),
         "sample.nproc: more processes than the sample.n_images=400 images (got 401)",
     ),
+    ("loss weighting", _set("train", "loss_weighting", "p2"), "train.loss_weighting: Input should be"),
+    ("t sampling", _set("train", "t_sampling", "beta"), "train.t_sampling: Input should be"),
+    ("power ema std", _set("train", "ema_std", 0.5), "train.ema_std: Input should be less than"),
     ("confidence", _set("evaluate", "confidence", 1.0), "evaluate.confidence: Input should be"),
     (
         "beta order",
