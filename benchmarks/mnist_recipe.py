@@ -342,7 +342,8 @@ def write_table(keys: list[str], floor: dict, args) -> None:
     env = rows[-1]["environment"]
     text = "\n".join([
         "# MNIST recipes at small CPU budgets (issue #13)", "",
-        f"`{env['command']}`", "",
+        "Rows made by (each trains once and is kept; `--table-only` rebuilds this file):", "",
+        *[f"    {c}" for c in dict.fromkeys(r["environment"]["command"] for r in rows)], "",
         f"{env['machine']}, torch {env['torch']}, {env['threads']} thread(s). Training budget in "
         "CPU-minutes of one process (`time.process_time`). "
         f"{args.n} samples per method (seeds 0..{args.n - 1}), FID with the evaluation "
