@@ -178,10 +178,10 @@ def build(spec: dict, conditional: bool, seed: int):
 
 
 def train_config(spec: dict, steps: int, conditional: bool, seed: int) -> TrainConfig:
-    fields = {**BASE_TRAIN, **spec["train"]}
+    fields = {"mixed_precision": "fp32", **BASE_TRAIN, **spec["train"]}
     warmup = int(round(spec.get("warmup_frac", 0.25) * steps))
     return TrainConfig(steps=steps, warmup_steps=warmup, p_uncond=0.2 if conditional else 0.0,
-                       mixed_precision="no", checkpoint_every=0, keep_last=1,
+                       checkpoint_every=0, keep_last=1,
                        log_every=max(1, steps), seed=seed, **fields)
 
 
@@ -198,8 +198,9 @@ def cpu_seconds_per_step(spec: dict, data: dict, conditional: bool, seed: int,
     for k in range(steps + 1):
         if k == 1:
             start = time.process_time()
-        loss = denoising_loss(net, process, x0, y, prediction=cfg.prediction, generator=g,
-                              weighting=cfg.loss_weighting, t_sampling=cfg.t_sampling)
+        with torch.autocast("cpu", torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+            loss = denoising_loss(net, process, x0, y, prediction=cfg.prediction, generator=g,
+                                  weighting=cfg.loss_weighting, t_sampling=cfg.t_sampling)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

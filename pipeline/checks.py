@@ -3,14 +3,12 @@ reject at run time is rejected here first, before DVC deletes any output.
 
 Beyond :func:`pipeline.config.load_params` this builds (without allocating weights: on the
 ``meta`` device) the U-Net, the noise process and the training configuration the train stage
-would build, and checks the settings that depend on the machine: ``bf16`` needs CUDA, an image
+would build, and checks the settings that depend on the machine: an image
 folder must exist and fit the other settings (its size, whether it has classes), the Inception
 extractor needs its weights on disk (found now, not after training).
 """
 
 from __future__ import annotations
-
-import contextlib
 
 from pipeline.config import FOLDER, Params, ParamsError, dataset_errors
 from pipeline.dataset import dataset_info
@@ -21,7 +19,6 @@ def check_buildable(params: Params) -> None:
     import torch
 
     from diffusion_core.processes import make_process
-    from diffusion_core.training import TrainConfig
     from pipeline.train import build_unet, train_config
 
     if params.data.dataset == FOLDER:  # the registered datasets were checked at validation
@@ -40,18 +37,9 @@ def check_buildable(params: Params) -> None:
     except (ValueError, TypeError) as exc:
         raise ParamsError(f"process: {exc}") from None
     try:
-        cfg: TrainConfig = train_config(params)
+        train_config(params)  # TrainConfig's own checks
     except ValueError as exc:
         raise ParamsError(f"train: {exc}") from None
-    if cfg.mixed_precision == "bf16":
-        cuda = False
-        with contextlib.suppress(Exception):
-            cuda = torch.cuda.is_available()
-        if not cuda:
-            raise ParamsError(
-                "train.mixed_precision: bf16 needs CUDA and there is none; use auto or fp32 "
-                "(got 'bf16')"
-            )
 
 
 def _check_inception(params: Params) -> None:

@@ -122,6 +122,9 @@ class TrainParams(_Section):
     lr: float = Field(gt=0.0)
     weight_decay: float = Field(ge=0.0)
     warmup_steps: int = Field(ge=0)
+    lr_decay: Literal["none", "linear", "cosine"] = Field(
+        "none", description="lr decay to 0 at the last step, after the warm-up"
+    )
     grad_clip: float = Field(ge=0.0, description="max gradient norm; 0 = off")
     ema_decay: float = Field(ge=0.0, lt=1.0)
     ema_warmup: bool

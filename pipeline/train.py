@@ -69,6 +69,7 @@ def train_config(params: Params) -> TrainConfig:
         lr=t.lr,
         weight_decay=t.weight_decay,
         warmup_steps=t.warmup_steps,
+        lr_decay=t.lr_decay,
         grad_clip=t.grad_clip,
         ema_decay=t.ema_decay,
         ema_warmup=t.ema_warmup,

@@ -90,6 +90,25 @@ def test_lr_warmup_is_linear_then_constant():
     assert lr_at(0, 3e-4, 0) == 3e-4
 
 
+def test_lr_decays_to_zero_after_the_warmup():
+    # warm-up of 2 steps, then 4 decaying steps: u = 0, 1/4, 2/4, 3/4
+    linear = [lr_at(k, 1.0, 2, "linear", 6) for k in range(6)]
+    assert linear == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+    cosine = [lr_at(k, 2.0, 0, "cosine", 4) for k in range(4)]
+    assert cosine == pytest.approx([2.0, 1.0 + math.cos(math.pi / 4), 1.0,
+                                    1.0 - math.cos(math.pi / 4)])
+    assert lr_at(10, 1.0, 2, "none", 6) == 1.0
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(lr_decay="step")
+
+
+def test_bf16_autocast_trains_on_the_cpu(tmp_path):
+    fp32 = _run(tmp_path / "a", 3)
+    bf16 = _run(tmp_path / "b", 3, cfg={"mixed_precision": "bf16"})
+    assert math.isfinite(bf16.loss)
+    assert bf16.loss == pytest.approx(fp32.loss, rel=0.1)
+
+
 def test_global_batch_is_the_same_for_any_world_size():
     n, b = 37, 8  # 4 full batches per epoch, 5 items dropped
     single = BatchSampler(n, b, seed=1)
@@ -119,9 +138,10 @@ def test_train_rejects_bad_inputs(tmp_path):
                   num_res_blocks=1, attention_resolutions=(), num_heads=1)  # fmt: skip
     with pytest.raises(ValueError, match="p_uncond"):
         train(uncond, make_process("vp"), images, labels, _cfg(1), dist=CPU, **kw)
+    meta = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("meta"))
     with pytest.raises(ValueError, match="bf16"):
         cfg = _cfg(1, mixed_precision="bf16")
-        train(worker.unet(), make_process("vp"), images, labels, cfg, dist=CPU, **kw)
+        train(worker.unet(), make_process("vp"), images, labels, cfg, dist=meta, **kw)
     assert list_checkpoints(tmp_path) == []
 
 
