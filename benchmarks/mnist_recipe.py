@@ -17,7 +17,8 @@ optimiser steps is fixed before training from a timed calibration of a few steps
 network (its own CPU time is not counted), so the learning-rate warm-up and the EMA know the
 run's length; the table reports the steps and the CPU seconds training really took.
 
-Each (recipe, budget) is trained once; its row (``--cache``/rows) and grid are kept, so the
+Each (recipe, budget) is trained once; its row (``--cache``/rows), EMA weights
+(``--cache``/models) and grid are kept, so the
 table can be built over several invocations (``--table-only`` rebuilds it from the kept rows).
 Writes ``benchmarks/results/mnist_recipe.md`` and one PNG of 100-image grids per row
 (``mnist_recipe_<recipe>_<M>min.png``, a column per sampling method).
@@ -414,6 +415,10 @@ def main() -> None:
                 continue
             print(f"{key}: {json.dumps(spec)}", flush=True)
             net, process, info = train_recipe(spec, minutes, data, args)
+            # the EMA weights, so other samplers can be tried later on the same network
+            (args.cache / "models").mkdir(exist_ok=True)
+            save_atomic({"spec": spec, "conditional": args.conditional,
+                         "ema": net.state_dict()}, args.cache / "models" / f"{key}.pt")
             rows, grids = sample_and_score(net, process, info["train_config"]["prediction"],
                                            clf, sets, args)
             save_grid(grids, f"{key}: {info['steps']} steps", args.out / f"mnist_recipe_{key}.png")
