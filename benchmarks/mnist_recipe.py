@@ -364,8 +364,8 @@ def write_table(keys: list[str], floor: dict, args) -> None:
         markdown(rows, floor, args), "",
         "Recipes (train fields over today's pipeline settings: " + json.dumps(BASE_TRAIN) +
         ", U-Net " + json.dumps(MODEL) + "):", "",
-        *[f"- `{r['recipe']}`: {json.dumps(r['spec'])}" for r in rows
-          if r["recipe"] in dict.fromkeys(x["recipe"] for x in rows)],
+        *[f"- `{name}`: {json.dumps(spec)}"
+          for name, spec in {r["recipe"]: r["spec"] for r in rows}.items()],
         "",
     ])
     (args.out / args.table).write_text(text)
