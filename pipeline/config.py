@@ -108,8 +108,10 @@ class ProcessParams(_Section):
 
 class ModelParams(_Section):
     base_channels: int = Field(ge=1)
-    channel_mults: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
-    num_res_blocks: int = Field(ge=1)
+    # upper bounds far above any real U-Net, so that check-params never spends minutes and
+    # gigabytes building a network of a million blocks (on the meta device) before refusing it
+    channel_mults: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=16)
+    num_res_blocks: int = Field(ge=1, le=64)
     attention_resolutions: list[Annotated[int, Field(ge=1)]]
     dropout: float = Field(ge=0.0, lt=1.0)
     prediction: Literal["eps", "x0", "v"]

@@ -97,6 +97,7 @@ def test_any_value_for_any_key_passes_check_params_or_is_one_line(
         ("train.batch_size", 5000, "train.batch_size: must not exceed the"),
         ("seed", 2**63, "seed: Input should be less than"),
         ("model.base_channels", 3, "model: attention channels"),
+        ("model.num_res_blocks", 396006, "model.num_res_blocks: Input should be less than"),
     ],
 )
 def test_values_stages_refused_at_run_time_are_refused_by_check_params(
