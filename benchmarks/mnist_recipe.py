@@ -50,6 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from diffusion_core.atomic import write_bytes  # noqa: E402
 from diffusion_core.checkpoint import load_checkpoint, save_atomic  # noqa: E402
 from diffusion_core.data import from_uint8, load_dataset, to_uint8, train_test_split  # noqa: E402
 from diffusion_core.denoiser import Denoiser  # noqa: E402
@@ -109,6 +110,31 @@ METHODS: dict[str, dict[str, Any]] = {  # name -> generate() arguments
     "dpmpp10": {"sampler": "dpmpp_2m", "steps": 10, "spacing": "logsnr"},
     "dpmpp20": {"sampler": "dpmpp_2m", "steps": 20, "spacing": "logsnr"},
     "heun50": {"sampler": "ode_heun", "steps": 50},
+    # other time grids, x0 clipping and solvers on the same weights (``--from-model``)
+    "ddim50_clip": {"sampler": "ddim", "steps": 50, "clip_x0": True},
+    "ddim50_trailing": {"sampler": "ddim", "steps": 50, "spacing": "trailing"},
+    "ddim50_logsnr": {"sampler": "ddim", "steps": 50, "spacing": "logsnr"},
+    "ddim50_karras": {"sampler": "ddim", "steps": 50, "spacing": "karras"},
+    "ddim50_quadratic": {"sampler": "ddim", "steps": 50, "spacing": "quadratic"},
+    "ddpm20": {"sampler": "ddpm", "steps": 20},
+    "dpmpp10_trailing": {"sampler": "dpmpp_2m", "steps": 10, "spacing": "trailing"},
+    "dpmpp10_linspace": {"sampler": "dpmpp_2m", "steps": 10, "spacing": "linspace"},
+    "dpmpp10_karras": {"sampler": "dpmpp_2m", "steps": 10, "spacing": "karras"},
+    "dpmpp20_clip": {"sampler": "dpmpp_2m", "steps": 20, "spacing": "logsnr", "clip_x0": True},
+    "dpmpp20_trailing": {"sampler": "dpmpp_2m", "steps": 20, "spacing": "trailing"},
+    "dpmpp20_linspace": {"sampler": "dpmpp_2m", "steps": 20, "spacing": "linspace"},
+    "dpmpp20_karras": {"sampler": "dpmpp_2m", "steps": 20, "spacing": "karras"},
+    "dpmpp3m10_trailing": {"sampler": "dpmpp_3m", "steps": 10, "spacing": "trailing"},
+    "dpmpp3m20": {"sampler": "dpmpp_3m", "steps": 20, "spacing": "logsnr"},
+    "dpmpp3m20_trailing": {"sampler": "dpmpp_3m", "steps": 20, "spacing": "trailing"},
+    "dpmpp_sde20": {"sampler": "dpmpp_2m_sde", "steps": 20, "spacing": "logsnr"},
+    "dpmpp_sde20_trailing": {"sampler": "dpmpp_2m_sde", "steps": 20, "spacing": "trailing"},
+    "unipc10": {"sampler": "unipc", "steps": 10, "spacing": "logsnr"},
+    "unipc10_trailing": {"sampler": "unipc", "steps": 10, "spacing": "trailing"},
+    "unipc20": {"sampler": "unipc", "steps": 20, "spacing": "logsnr"},
+    "unipc20_trailing": {"sampler": "unipc", "steps": 20, "spacing": "trailing"},
+    "edm10": {"sampler": "edm_heun", "steps": 10, "spacing": "karras"},
+    "edm10_churn40": {"sampler": "edm_heun", "steps": 10, "spacing": "karras", "s_churn": 40.0},
 }
 
 
@@ -372,6 +398,54 @@ def write_table(keys: list[str], floor: dict, args) -> None:
     print(text)
 
 
+def rescore(key: str, clf, sets, floor: dict, args) -> None:
+    """Score ``args.methods`` on the kept EMA weights of row ``key`` (no training); each
+    method's result is kept in ``--cache``/samplers/KEY/METHOD.json, then the table of all
+    kept methods of that row is written to ``--table``."""
+    obj = load_checkpoint(args.cache / "models" / f"{key}.pt", map_location="cpu")
+    train_row = json.loads((args.cache / "rows" / f"{key}.json").read_text())
+    args.conditional = bool(obj["conditional"])
+    net, process = build(obj["spec"], args.conditional, args.seed)
+    net.load_state_dict(obj["ema"])
+    folder = args.cache / "samplers" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, row in train_row["methods"].items():  # scored when the row was made
+        if not (folder / f"{name}.json").is_file():
+            write_bytes(folder / f"{name}.json",
+                        json.dumps({**row, **METHODS[name.split("-w")[0]]}, indent=1).encode())
+    todo = [m for m in args.methods if not (folder / f"{m}.json").is_file()]
+    if todo:
+        args.methods = todo
+        rows, _ = sample_and_score(net.eval(), process, obj["spec"]["train"].get("prediction",
+                                                                                 "eps"),
+                                   clf, sets, args)
+        for name, row in rows.items():
+            write_bytes(folder / f"{name}.json",
+                        json.dumps({**row, **METHODS[name.split("-w")[0]]}, indent=1).encode())
+    kept = {f.stem: json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))}
+    head = "| method | sampler | NFE | spacing | clip x0 | FID [95 %] | conf | CPU s |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for name, r in sorted(kept.items(), key=lambda kv: kv[1]["fid"]):
+        lines.append(f"| {name} | {r['sampler']} | {r['nfe']} | {r.get('spacing', 'linspace')} "
+                     f"| {'yes' if r.get('clip_x0') else ''} | {r['fid']:.1f} "
+                     f"[{r['lo']:.1f}, {r['hi']:.1f}] | {r['conf']:.2f} | {r['sample_cpu_s']:.0f} |")
+    lines.append(f"| real data (floor, m = {floor['n']}) | | | | | {floor['fid']:.1f} "
+                 f"[{floor['lo']:.1f}, {floor['hi']:.1f}] | {floor['conf']:.2f} | |")
+    env = environment(args)
+    text = "\n".join([
+        f"# Samplers on the same weights: `{key}` ({train_row['steps']} steps; issue #13)", "",
+        "    " + env["command"], "",
+        f"{env['machine']}, torch {env['torch']}, 1 thread. The EMA weights of the row `{key}` "
+        f"of `mnist_recipe.md` (kept in `{args.cache.name}/models`), {args.n} samples per "
+        f"method (seeds 0..{args.n - 1}, the same prior draws for every method), FID with the "
+        "evaluation classifier's features against the held-out reference half, 95 % pivotal "
+        "bootstrap intervals; sorted by FID. `spacing`: the time grid "
+        "(`NoiseProcess.time_grid`).", "",
+        *lines, ""])
+    (args.out / args.table).write_text(text)
+    print(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default="/work/shared/data/mnist", help="folder of the idx files")
@@ -396,6 +470,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--table", default="mnist_recipe.md")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--from-model", metavar="KEY", default="",
+                    help="score --methods on the kept weights of row KEY (e.g. ours-16min-n500) "
+                         "instead of training")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     (args.cache / "rows").mkdir(parents=True, exist_ok=True)
@@ -404,6 +481,9 @@ def main() -> None:
     clf, sets = evaluation_classifier(data, args)
     floor = floor_row(clf, sets, args)
     print(f"floor (m = {floor['n']}): FID {floor['fid']} [{floor['lo']}, {floor['hi']}]")
+    if args.from_model:
+        rescore(args.from_model, clf, sets, floor, args)
+        return
     keys = []
     for recipe in args.recipes.split(","):
         spec = recipe_spec(recipe, args.set)
