@@ -31,7 +31,7 @@ from pipeline.profiles import (
 )
 from pipeline.train import build_unet, train_config
 
-SHIPPED = ("mnist-cpu", "fashion-mnist-cpu", "cifar10-gpu")
+SHIPPED = ("mnist-cpu", "mnist-uncond-cpu", "fashion-mnist-cpu", "cifar10-gpu")
 
 
 def test_the_documented_profiles_are_shipped() -> None:
@@ -45,9 +45,23 @@ def test_every_profile_validates_merged_into_params_yaml(name: str) -> None:
     assert set(raw["methods"]) == set(load_profile(name)["methods"])  # replaced, not merged
 
 
-@pytest.mark.parametrize("name", ["mnist-cpu", "fashion-mnist-cpu"])
+@pytest.mark.parametrize("name", ["mnist-cpu", "mnist-uncond-cpu", "fashion-mnist-cpu"])
 def test_cpu_profiles_pass_the_check_stage(name: str) -> None:
     check_buildable(merged_params(default_raw(), name)[1])  # builds the U-Net on `meta`
+
+
+def test_the_unconditional_mnist_profile_is_mnist_cpu_without_labels() -> None:
+    """One recipe: the unconditional profile may differ from mnist-cpu only in conditioning."""
+    cond, uncond = (merged_params(default_raw(), n)[1] for n in ("mnist-cpu", "mnist-uncond-cpu"))
+    assert cond.model.conditional and not uncond.model.conditional
+    assert uncond.train.p_uncond == 0.0
+    assert uncond.model.model_dump(exclude={"conditional"}) == cond.model.model_dump(
+        exclude={"conditional"})
+    assert uncond.train.model_dump(exclude={"p_uncond"}) == cond.train.model_dump(
+        exclude={"p_uncond"})
+    assert uncond.process == cond.process and uncond.data == cond.data
+    assert all(m.guidance == 0 for m in uncond.methods.values())
+    assert set(uncond.methods) < set(cond.methods)
 
 
 @pytest.mark.skipif(inception_weights_path().is_file(), reason="Inception weights are present")
