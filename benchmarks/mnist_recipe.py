@@ -434,9 +434,12 @@ def rescore(key: str, clf, sets, floor: dict, args) -> None:
     env = environment(args)
     text = "\n".join([
         f"# Samplers on the same weights: `{key}` ({train_row['steps']} steps; issue #13)", "",
-        "    " + env["command"], "",
+        "Made by (each method is kept in the cache's `samplers/` and scored once; a call "
+        "scores the methods not kept yet):", "",
+        f"    python benchmarks/mnist_recipe.py --from-model {key} --methods "
+        + ",".join(sorted(kept)), "",
         f"{env['machine']}, torch {env['torch']}, 1 thread. The EMA weights of the row `{key}` "
-        f"of `mnist_recipe.md` (kept in `{args.cache.name}/models`), {args.n} samples per "
+        f"of `mnist_recipe.md` (kept in the cache's `models/`), {args.n} samples per "
         f"method (seeds 0..{args.n - 1}, the same prior draws for every method), FID with the "
         "evaluation classifier's features against the held-out reference half, 95 % pivotal "
         "bootstrap intervals; sorted by FID. `spacing`: the time grid "
