@@ -133,6 +133,8 @@ METHODS: dict[str, dict[str, Any]] = {  # name -> generate() arguments
     "unipc10_trailing": {"sampler": "unipc", "steps": 10, "spacing": "trailing"},
     "unipc20": {"sampler": "unipc", "steps": 20, "spacing": "logsnr"},
     "unipc20_trailing": {"sampler": "unipc", "steps": 20, "spacing": "trailing"},
+    "unipc10_trailing_o3": {"sampler": "unipc", "steps": 10, "spacing": "trailing", "order": 3},
+    "unipc20_trailing_o3": {"sampler": "unipc", "steps": 20, "spacing": "trailing", "order": 3},
     "edm10": {"sampler": "edm_heun", "steps": 10, "spacing": "karras"},
     "edm10_churn40": {"sampler": "edm_heun", "steps": 10, "spacing": "karras", "s_churn": 40.0},
 }
