@@ -400,10 +400,15 @@ def write_table(keys: list[str], floor: dict, args) -> None:
     print(text)
 
 
+#: the heading of the hand-written part of a ``--from-model`` table, kept when it is rewritten
+NOTES = "What it shows"
+
+
 def rescore(key: str, clf, sets, floor: dict, args) -> None:
     """Score ``args.methods`` on the kept EMA weights of row ``key`` (no training); each
     method's result is kept in ``--cache``/samplers/KEY/METHOD.json, then the table of all
-    kept methods of that row is written to ``--table``."""
+    kept methods of that row is written to ``--table`` (text from a line starting
+    "What it shows" on is kept)."""
     obj = load_checkpoint(args.cache / "models" / f"{key}.pt", map_location="cpu")
     train_row = json.loads((args.cache / "rows" / f"{key}.json").read_text())
     args.conditional = bool(obj["conditional"])
@@ -411,10 +416,13 @@ def rescore(key: str, clf, sets, floor: dict, args) -> None:
     net.load_state_dict(obj["ema"])
     folder = args.cache / "samplers" / key
     folder.mkdir(parents=True, exist_ok=True)
+    def keep(name: str, row: dict) -> None:
+        write_bytes(folder / f"{name}.json",
+                    json.dumps({**row, **METHODS[name.split("-w")[0]]}, indent=1).encode())
+
     for name, row in train_row["methods"].items():  # scored when the row was made
         if not (folder / f"{name}.json").is_file():
-            write_bytes(folder / f"{name}.json",
-                        json.dumps({**row, **METHODS[name.split("-w")[0]]}, indent=1).encode())
+            keep(name, row)
     todo = [m for m in args.methods if not (folder / f"{m}.json").is_file()]
     if todo:
         args.methods = todo
@@ -422,8 +430,7 @@ def rescore(key: str, clf, sets, floor: dict, args) -> None:
                                                                                  "eps"),
                                    clf, sets, args)
         for name, row in rows.items():
-            write_bytes(folder / f"{name}.json",
-                        json.dumps({**row, **METHODS[name.split("-w")[0]]}, indent=1).encode())
+            keep(name, row)
     kept = {f.stem: json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))}
     head = "| method | sampler | NFE | spacing | clip x0 | FID [95 %] | conf | CPU s |"
     lines = [head, "|---|---|---|---|---|---|---|---|"]
@@ -447,7 +454,10 @@ def rescore(key: str, clf, sets, floor: dict, args) -> None:
         "bootstrap intervals; sorted by FID. `spacing`: the time grid "
         "(`NoiseProcess.time_grid`).", "",
         *lines, ""])
-    (args.out / args.table).write_text(text)
+    path = args.out / args.table
+    old = path.read_text() if path.is_file() else ""
+    notes = old[old.index(NOTES):] if NOTES in old else ""  # hand-written, kept on a rewrite
+    path.write_text(text + ("\n" + notes if notes else ""))
     print(text)
 
 
