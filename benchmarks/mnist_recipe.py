@@ -17,6 +17,11 @@ optimiser steps is fixed before training from a timed calibration of a few steps
 network (its own CPU time is not counted), so the learning-rate warm-up and the EMA know the
 run's length; the table reports the steps and the CPU seconds training really took.
 
+Variants: ``--set section.key=value`` changes a recipe field (``--tag`` names the rows);
+``--set self_condition=0.5`` trains and samples with self-conditioning
+(``benchmarks/self_conditioning.py``, an experiment not in the library yet); ``--train-seed S``
+re-seeds only the network's initialisation and training, to see the seed-to-seed spread.
+
 Each (recipe, budget) is trained once; its row (``--cache``/rows), EMA weights
 (``--cache``/models) and grid are kept, so the
 table can be built over several invocations (``--table-only`` rebuilds it from the kept rows).
@@ -50,6 +55,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.self_conditioning import SelfConditioned  # noqa: E402
 from diffusion_core.atomic import write_bytes  # noqa: E402
 from diffusion_core.checkpoint import load_checkpoint, save_atomic  # noqa: E402
 from diffusion_core.data import from_uint8, load_dataset, to_uint8, train_test_split  # noqa: E402
@@ -156,10 +162,11 @@ def recipe_spec(name: str, overrides: list[str]) -> dict[str, Any]:
         key, _, value = item.partition("=")
         section, _, field = key.partition(".")
         if section not in ("model", "process", "train") or not field:
-            if key == "warmup_frac":
-                spec["warmup_frac"] = float(value)
+            if key in ("warmup_frac", "self_condition"):
+                spec[key] = float(value)
                 continue
-            raise SystemExit(f"--set {item!r}: use model.KEY=V, process.KEY=V or train.KEY=V")
+            raise SystemExit(f"--set {item!r}: use model.KEY=V, process.KEY=V, train.KEY=V, "
+                             "warmup_frac=F or self_condition=P")
         spec[section][field] = parse_value(value)
     return spec
 
@@ -203,11 +210,16 @@ def evaluation_classifier(data: dict, args) -> tuple[FeatureClassifier, dict[str
 
 # ------------------------------------------------------------------------------- training
 def build(spec: dict, conditional: bool, seed: int):
+    """The recipe's network and process; ``spec["self_condition"] = p > 0`` wraps a two-channel
+    U-Net in :class:`SelfConditioned` (self-conditioning on a share p of each batch)."""
+    p = float(spec.get("self_condition", 0.0))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = UNet(in_channels=1, image_size=28, num_classes=10 if conditional else 0,
-                   **{**MODEL, **spec["model"]})
+        net = UNet(in_channels=2 if p > 0 else 1, image_size=28,
+                   num_classes=10 if conditional else 0, **{**MODEL, **spec["model"]})
     process = make_process("ddpm", **{"num_steps": 1000, **spec["process"]})
+    if p > 0:
+        net = SelfConditioned(net, process, spec["train"].get("prediction", "eps"), p)
     return net, process
 
 
@@ -242,10 +254,11 @@ def cpu_seconds_per_step(spec: dict, data: dict, conditional: bool, seed: int,
 
 
 def train_recipe(spec: dict, minutes: float, data: dict, args) -> tuple[UNet, Any, dict]:
-    per_step = cpu_seconds_per_step(spec, data, args.conditional, args.seed)
+    seed = args.seed if args.train_seed is None else args.train_seed
+    per_step = cpu_seconds_per_step(spec, data, args.conditional, seed)
     steps = max(1, int(minutes * 60.0 / per_step))
-    net, process = build(spec, args.conditional, args.seed)
-    cfg = train_config(spec, steps, args.conditional, args.seed)
+    net, process = build(spec, args.conditional, seed)
+    cfg = train_config(spec, steps, args.conditional, seed)
     labels = data["train_y"] if args.conditional else None
     with tempfile.TemporaryDirectory() as tmp:
         start = time.process_time()
@@ -478,7 +491,11 @@ def main() -> None:
                     help="override a recipe field (model., process., train., warmup_frac)")
     ap.add_argument("--tag", default="", help="names the rows of a --set variant")
     ap.add_argument("--test-fraction", type=float, default=0.5)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seeds the data split, the evaluation classifier and the bootstrap")
+    ap.add_argument("--train-seed", type=int, default=None,
+                    help="seeds the network's initialisation and training (default: --seed); "
+                         "name the rows with --tag")
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", type=Path, default=CACHE)
