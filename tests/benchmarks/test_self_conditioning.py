@@ -1,11 +1,20 @@
 """The self-conditioning wrapper of the recipe benchmark (Chen et al. 2022, section 3.2)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from benchmarks.self_conditioning import SelfConditioned
 from diffusion_core.processes import DiscreteDDPM
+
+# benchmarks/ is not an installed package: load the module from its file
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "self_conditioning.py"
+_spec = importlib.util.spec_from_file_location("_self_conditioning", _PATH)
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+SelfConditioned = _module.SelfConditioned
 
 
 class Recorder(nn.Module):
