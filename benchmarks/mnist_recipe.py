@@ -213,6 +213,9 @@ def build(spec: dict, conditional: bool, seed: int):
     """The recipe's network and process; ``spec["self_condition"] = p > 0`` wraps a two-channel
     U-Net in :class:`SelfConditioned` (self-conditioning on a share p of each batch)."""
     p = float(spec.get("self_condition", 0.0))
+    if p > 0 and conditional:  # guidance calls the network twice per step: one state each
+        raise SystemExit("self_condition: unconditional rows only (the wrapper keeps one x0 "
+                         "estimate per trajectory, which guidance would mix)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = UNet(in_channels=2 if p > 0 else 1, image_size=28,
@@ -488,7 +491,8 @@ def main() -> None:
     ap.add_argument("--guidance", type=lambda s: [float(v) for v in s.split(",")],
                     default=[1.0], help="guidance weights, comma-separated (with --conditional)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a recipe field (model., process., train., warmup_frac)")
+                    help="override a recipe field (model., process., train., warmup_frac, "
+                         "self_condition)")
     ap.add_argument("--tag", default="", help="names the rows of a --set variant")
     ap.add_argument("--test-fraction", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0,
