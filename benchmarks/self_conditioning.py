@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from diffusion_core.denoiser import process_coeffs
 from diffusion_core.parameterization import eps_x0_from_prediction
-from diffusion_core.processes import NoiseProcess, broadcast
+from diffusion_core.processes import NoiseProcess
 
 
 class SelfConditioned(nn.Module):
@@ -51,10 +52,9 @@ class SelfConditioned(nn.Module):
         return {**getattr(self.net, "config", {}), "self_conditioning": self.p}
 
     def _x0(self, x: Tensor, out: Tensor, t: Tensor) -> Tensor:
-        t64 = t.to(torch.float64)
-        alpha = broadcast(self.process.alpha(t64), x).to(x.dtype)
-        sigma = broadcast(self.process.sigma(t64), x).to(x.dtype)
-        return eps_x0_from_prediction(self.prediction, out.to(x.dtype), x, alpha, sigma)[1]
+        alpha, sigma, _ = process_coeffs(self.process, t.to(torch.float64), x)
+        x0 = eps_x0_from_prediction(self.prediction, out.to(x.dtype), x, alpha, sigma)[1]
+        return x0.to(x.dtype)
 
     def _call(self, x: Tensor, x0_hat: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
         return self.net(torch.cat([x, x0_hat.to(x.dtype)], 1), t, labels)[:, :1]
