@@ -1,4 +1,6 @@
-"""Classifier-free guidance (Ho & Salimans 2022, eq. 6) as a denoiser wrapper.
+"""Guidance as denoiser wrappers: classifier-free guidance and autoguidance.
+
+Classifier-free guidance (Ho & Salimans 2022, eq. 6):
 
     eps~(x, c) = (1 + w) eps(x, c) - w eps(x, null)
 
@@ -7,6 +9,17 @@
 of other libraries (diffusers, Stable Diffusion) is ``s = 1 + w``: ``s = 1`` means no guidance.
 Because it is a denoiser itself, it composes with every sampler. It never clips ``x_0``: clipping
 is one outer :class:`~diffusion_core.denoiser.ClipX0` around the guided denoiser.
+
+Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself",
+eq. 2, written with the same ``w``):
+
+    D~(x; t) = (1 + w) D_1(x; t) - w D_0(x; t)
+
+with ``D_1`` the model and ``D_0`` a weaker version of it (a smaller one, or an earlier snapshot
+of the same training run). Where the two agree nothing changes; where the weak model puts mass
+that the good one does not (the blurry, malformed outliers), the difference points away from it.
+It needs no labels, so it also guides unconditional models. The weights sum to one, so mixing
+``eps``, ``x_0`` or ``v`` is the same combination.
 """
 
 from __future__ import annotations
@@ -54,5 +67,29 @@ class ClassifierFreeGuidance:
         out = self.denoiser(torch.cat([x, x]), t2, torch.cat([labels, null]))
         eps_c, eps_u = out.eps.chunk(2)
         eps = (1.0 + self.w) * eps_c - self.w * eps_u
+        alpha, sigma, _ = process_coeffs(self.process, t, x)
+        return DenoiserOutput(eps, x0_from_eps(x, eps, alpha, sigma))
+
+
+class AutoGuidance:
+    """``(1 + w) D_good - w D_guide`` (Karras et al. 2024, eq. 2), around two denoisers of the
+    same process; two forward passes per call (the networks differ). Labels go to both."""
+
+    def __init__(self, denoiser: DenoiserLike, guide: DenoiserLike, w: float):
+        if w < 0:
+            raise ValueError(f"autoguidance weight w must be >= 0, got {w}")
+        if guide.process.describe() != denoiser.process.describe():
+            raise ValueError("autoguidance needs a guide trained on the same noise process as the "
+                             "model")
+        self.denoiser, self.guide, self.w = denoiser, guide, float(w)
+        self.process = denoiser.process
+        self.null_label = getattr(denoiser, "null_label", None)  # for an outer guidance
+
+    def __call__(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None) -> DenoiserOutput:
+        out = self.denoiser(x, t, labels)
+        if self.w == 0.0:
+            return out
+        weak = self.guide(x, t, labels)
+        eps = (1.0 + self.w) * out.eps - self.w * weak.eps
         alpha, sigma, _ = process_coeffs(self.process, t, x)
         return DenoiserOutput(eps, x0_from_eps(x, eps, alpha, sigma))

@@ -113,8 +113,11 @@ class TrainConfig:
     See ``benchmarks/results/throughput_cuda_*.md`` for the measurements.
     ``loss_weighting`` (with ``min_snr_gamma``, ``sigma_data``) and ``t_sampling`` (with
     ``p_mean``, ``p_std``) go to :func:`~diffusion_core.losses.denoising_loss`; ``ema_std``
-    (``None``: exponential EMA with ``ema_decay``) to :class:`~diffusion_core.ema.EMA`. The
-    defaults are the recipe of Ho et al. 2020.
+    (``None``: exponential EMA with ``ema_decay``) to :class:`~diffusion_core.ema.EMA`.
+    ``guide_at > 0`` keeps a copy of the EMA weights after step ``round(guide_at * steps)``
+    (:attr:`guide_step`) in the checkpoints and the model file (``"guide"``): the weak model of
+    autoguidance (:class:`~diffusion_core.guidance.AutoGuidance`, Karras et al. 2024), free of
+    extra training. The defaults are the recipe of Ho et al. 2020.
     """
 
     steps: int = 1000
@@ -134,6 +137,7 @@ class TrainConfig:
     p_mean: float = EDM_P_MEAN
     p_std: float = EDM_P_STD
     p_uncond: float = 0.0
+    guide_at: float = 0.0
     prediction: str = "eps"
     mixed_precision: str = "auto"
     compile: bool | str = False
@@ -169,6 +173,7 @@ class TrainConfig:
             (self.t_sampling in T_SAMPLINGS, "t_sampling", f"must be one of {T_SAMPLINGS}"),
             (self.p_std > 0, "p_std", "must be > 0"),
             (0 <= self.p_uncond <= 1, "p_uncond", "must be in [0, 1]"),
+            (0 <= self.guide_at < 1, "guide_at", "must be in [0, 1) (0: no guide snapshot)"),
             (self.prediction in PREDICTIONS, "prediction", f"must be one of {PREDICTIONS}"),
             (
                 self.mixed_precision in MIXED_PRECISION,
@@ -185,6 +190,11 @@ class TrainConfig:
         for ok, name, rule in checks:
             if not ok:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} {rule}")
+
+    @property
+    def guide_step(self) -> int:
+        """The step after which the EMA weights become the autoguidance guide (0: none)."""
+        return max(1, round(self.guide_at * self.steps)) if self.guide_at > 0 else 0
 
 
 @dataclass(frozen=True)
@@ -418,8 +428,10 @@ def _check_inputs(images: Tensor, labels: Tensor | None, cfg: TrainConfig, raw: 
 
 
 def _model_file(
-    raw: nn.Module, ema: EMA, process: Any, cfg: TrainConfig, step: int, config_hash: str
+    raw: nn.Module, ema: EMA, process: Any, cfg: TrainConfig, step: int, config_hash: str,
+    guide: tuple[int, dict[str, Tensor]] | None = None,
 ) -> dict[str, Any]:
+    extra = {"guide": {"ema": guide[1], "step": guide[0]}} if guide is not None else {}
     return {
         "format": MODEL_FORMAT,
         "model_config": dict(getattr(raw, "config", None) or {}),
@@ -430,6 +442,7 @@ def _model_file(
         "step": step,
         "config_hash": config_hash,
         "train_config": dataclasses.asdict(cfg),
+        **extra,
     }
 
 
@@ -462,7 +475,8 @@ def train(
     different hash is moved aside, never continued). Writes ``ckpt-<step>.pt`` every
     ``cfg.checkpoint_every`` steps and at the end, and a final ``model_path`` (default
     ``checkpoint_dir/model.pt``: ``{"model_config", "ema", "model", "process", "prediction",
-    "step", ...}``) that sampling loads with ``UNet(**m["model_config"])`` and ``m["ema"]``.
+    "step", ...}``, with ``"guide": {"ema", "step"}`` when ``cfg.guide_at > 0``) that sampling
+    loads with ``UNet(**m["model_config"])`` and ``m["ema"]``.
     ``on_log(step, {"loss", "lr", "grad_norm"})`` runs on rank 0 every ``cfg.log_every`` steps
     (``loss`` is the mean since the previous call). ``dist`` comes from
     :func:`diffusion_core.distributed.setup_distributed` (default: one process, CUDA if
@@ -514,6 +528,7 @@ def train(
     raw.to(memory_format=memory_format)
     noise = torch.Generator(device=device)
     step, loss_value, window = 0, float("nan"), []
+    guide: tuple[int, dict[str, Tensor]] | None = None  # (step, EMA weights after it)
     if ck is None:
         _seed_rngs(cfg.seed, dist.rank, noise)
     else:
@@ -522,6 +537,16 @@ def train(
         optimizer.load_state_dict(ck["optimizer"])
         step, loss_value = int(ck["step"]), float(ck["loss"])
         window = [float(v) for v in ck.get("log_window", [])]
+        if "guide_ema" in ck:
+            guide = (int(ck["guide_step"]), ck["guide_ema"])
+        if cfg.guide_step and step >= cfg.guide_step and guide is None:
+            raise ValueError(
+                f"{resume_path} is past guide step {cfg.guide_step} but holds no guide snapshot "
+                "(written without guide_at): give this configuration its own config_hash"
+            )
+        if guide is not None and guide[0] != cfg.guide_step:
+            rank0_print(f"note: the guide snapshot of {resume_path} is from step {guide[0]}, "
+                        f"not {cfg.guide_step} (steps changed); it is kept")
         ranks = ck["rng"]["ranks"]
         if len(ranks) == ws:
             _set_rng_state(ranks[dist.rank], device, noise)
@@ -559,6 +584,8 @@ def train(
                 "prediction": cfg.prediction,
                 "train_config": dataclasses.asdict(cfg),
             }
+            if guide is not None:
+                state["guide_step"], state["guide_ema"] = guide
             save_atomic(state, path)
             prune_checkpoints(ckdir, cfg.keep_last)
         return path
@@ -635,6 +662,9 @@ def train(
                         window.append(loss_value)
                 optimizer.step()
                 ema.update(raw)
+                if step == cfg.guide_step and guide is None:  # a copy: .cpu() would alias
+                    guide = (step, {k: v.detach().to("cpu", copy=True)
+                                    for k, v in ema.module.state_dict().items()})
                 bar.update(1)
                 if checked:
                     bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
@@ -661,7 +691,8 @@ def train(
     written: Path | None = None
     if interrupted_by is None:
         if dist.is_main:
-            save_atomic(_model_file(raw, ema, process, cfg, step, config_hash), model_path)
+            save_atomic(_model_file(raw, ema, process, cfg, step, config_hash, guide),
+                        model_path)
         written = model_path
     barrier()
     return TrainResult(

@@ -249,6 +249,10 @@ def generate(
     guidance: Annotated[float, typer.Option(
         "--guidance", "-w", help="Classifier-free guidance weight w (scale 1 + w); 0 = none.")
     ] = 0.0,
+    autoguidance: Annotated[float, typer.Option(
+        "--autoguidance", help="Autoguidance weight w against the model's train.guide_at "
+        "snapshot (Karras et al. 2024); 0 = none.")
+    ] = 0.0,
     classes: Annotated[str, typer.Option(
         help="all (cycled), one class (3), a list (1,3,5) or none (the null label).")
     ] = "all",
@@ -276,7 +280,7 @@ def generate(
         os.environ["DIFFUSION_QUIET"] = "1"
     options = GenerateOptions(
         model=model, out=out, sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
-        classes=classes, n=num, seed=seed, batch_size=batch_size, device=device,
+        autoguidance=autoguidance, classes=classes, n=num, seed=seed, batch_size=batch_size, device=device,
         settings=list(settings or []), png=png, npz=npz,
     )
     guard.die_with_parent()

@@ -145,6 +145,11 @@ class TrainParams(_Section):
     p_mean: float = Field(-1.2, description="log_normal: mean of ln(sigma/alpha)")
     p_std: float = Field(1.2, gt=0.0, description="log_normal: std of ln(sigma/alpha)")
     p_uncond: float = Field(ge=0.0, lt=1.0)
+    guide_at: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="keep the EMA weights at this share of the steps as the autoguidance guide; "
+                    "0 = none",
+    )
     nproc: int = Field(ge=1)
     threads_per_proc: int = Field(ge=1)
     mixed_precision: Literal["fp32", "no", "bf16", "auto"]
@@ -181,6 +186,9 @@ class _Method(_Section):
     """Settings every sampling method shares."""
 
     guidance: float = Field(0.0, ge=0.0, description="classifier-free guidance weight w")
+    autoguidance: float = Field(
+        0.0, ge=0.0, description="autoguidance weight w against the train.guide_at snapshot"
+    )
     classes: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, min_length=1, description="labels to sample, cycled; null = every class equally"
     )
@@ -193,8 +201,8 @@ class _Method(_Section):
 
     def settings(self) -> dict[str, Any]:
         """The sampler-specific keyword arguments of ``samplers.generate``."""
-        common = {"sampler", "guidance", "classes", "unconditional", "steps", "spacing",
-                  "clip_x0"}
+        common = {"sampler", "guidance", "autoguidance", "classes", "unconditional", "steps",
+                  "spacing", "clip_x0"}
         return {k: v for k, v in self.model_dump().items() if k not in common}
 
 
@@ -481,6 +489,11 @@ def _method_errors(p: Params) -> list[str]:
             )
         if m.classes is not None and not p.model.conditional:
             errors.append(f"{key}.classes: needs a class-conditional model (got {m.classes})")
+        if m.autoguidance > 0 and p.train.guide_at == 0:
+            errors.append(
+                f"{key}.autoguidance: needs the guide snapshot of train.guide_at > 0 (e.g. 0.25) "
+                f"(got autoguidance={m.autoguidance}, train.guide_at=0)"
+            )
     return errors
 
 

@@ -46,6 +46,7 @@ class GenerateOptions:
     steps: int = 50
     spacing: str = "uniform"
     guidance: float = 0.0
+    autoguidance: float = 0.0
     classes: str = "all"
     n: int = 64
     seed: int = 0
@@ -172,6 +173,8 @@ def check_options(o: GenerateOptions) -> None:
         raise OptionError(f"--seed: must be 0 or more (got {o.seed})")
     if not o.guidance >= 0:  # also NaN
         raise OptionError(f"--guidance: must be 0 or more (got {o.guidance})")
+    if not o.autoguidance >= 0:
+        raise OptionError(f"--autoguidance: must be 0 or more (got {o.autoguidance})")
     if o.sampler not in SAMPLERS:
         raise OptionError(f"--sampler: unknown {o.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if o.out.exists() and not o.out.is_dir():
@@ -218,16 +221,15 @@ def run(o: GenerateOptions) -> dict[str, Any]:
 def _generate(o: GenerateOptions, settings: dict[str, Any], checkpoint: Path, dist: Any,
               device: torch.device) -> dict[str, Any]:
     from diffusion_core.distributed import barrier
-    from diffusion_core.guidance import ClassifierFreeGuidance
     from diffusion_core.samplers import compatible
     from pipeline.files import file_digest, write_bytes, write_json
-    from pipeline.sample import _png, grid_png, load_model
+    from pipeline.sample import _png, grid_png, guided_denoiser, load_model
     from pipeline.shards import draw, gather, share
 
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     if dist is not None:
         device = dist.device
-    denoiser, process, _ = load_model(device, checkpoint)
+    denoiser, process, model_file = load_model(device, checkpoint)
     net = denoiser.net
     num_classes = int(getattr(net, "num_classes", 0))
     labels = parse_classes(o.classes, num_classes, o.n)
@@ -243,7 +245,11 @@ def _generate(o: GenerateOptions, settings: dict[str, Any], checkpoint: Path, di
         process.time_grid(o.steps if steps else 2, o.spacing)
     except ValueError as exc:
         raise OptionError(f"--spacing: {exc} (got {o.spacing!r})") from None
-    guided = ClassifierFreeGuidance(denoiser, o.guidance) if o.guidance > 0 else denoiser
+    if o.autoguidance > 0 and "guide" not in model_file:
+        raise OptionError(f"--autoguidance: the model has no guide snapshot; train it with "
+                          f"train.guide_at > 0 (got {o.autoguidance})")
+    guided = guided_denoiser(denoiser, model_file, device, guidance=o.guidance,
+                             autoguidance=o.autoguidance, option="--autoguidance")
     shape = (net.in_channels, net.image_size, net.image_size)
     o.out.mkdir(parents=True, exist_ok=True)
 

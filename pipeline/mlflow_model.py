@@ -9,7 +9,8 @@ Input, one row per image (a pandas DataFrame):
 
 Params (MLflow inference params, all optional): ``sampler`` (``ddim``; any name of
 ``diffusion_core.samplers.SAMPLERS``), ``steps`` (50), ``guidance`` (classifier-free guidance
-weight ``w``, 0), ``spacing`` (``linspace``), ``device`` (``auto``: CUDA when present).
+weight ``w``, 0), ``autoguidance`` (its weight against the model's ``train.guide_at``
+snapshot, 0), ``spacing`` (``linspace``), ``device`` (``auto``: CUDA when present).
 
 Output: ``uint8`` images of shape ``(N, C, H, W)``.
 
@@ -57,13 +58,13 @@ class DiffusionSampler(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # noqa: ANN001 (MLflow reads hints)
         from diffusion_core.data import to_uint8
         from diffusion_core.distributed import default_device
-        from diffusion_core.guidance import ClassifierFreeGuidance
         from diffusion_core.samplers import generate
+        from pipeline.sample import guided_denoiser
 
-        p = {"sampler": "ddim", "steps": 50, "guidance": 0.0, "spacing": "linspace",
-             "device": "auto", **(params or {})}
+        p = {"sampler": "ddim", "steps": 50, "guidance": 0.0, "autoguidance": 0.0,
+             "spacing": "linspace", "device": "auto", **(params or {})}
         device = default_device() if p["device"] == "auto" else torch.device(p["device"])
-        denoiser, process, _ = self._model(device)
+        denoiser, process, model_file = self._model(device)
         net = denoiser.net
         seeds = [int(s) for s in model_input["seed"]]
         labels = None
@@ -75,11 +76,12 @@ class DiffusionSampler(mlflow.pyfunc.PythonModel):
             labels = torch.as_tensor(raw, dtype=torch.int64)
         elif "label" in model_input and (np.asarray(model_input["label"]) >= 0).any():
             raise ValueError("this model is unconditional: leave out `label` or use -1")
-        guided = denoiser
-        if float(p["guidance"]) > 0:
-            if labels is None:
-                raise ValueError("guidance needs a class-conditional model and labels")
-            guided = ClassifierFreeGuidance(denoiser, float(p["guidance"]))
+        if float(p["guidance"]) > 0 and labels is None:
+            raise ValueError("guidance needs a class-conditional model and labels")
+        if float(p["autoguidance"]) > 0 and "guide" not in model_file:
+            raise ValueError("autoguidance needs a model trained with train.guide_at > 0")
+        guided = guided_denoiser(denoiser, model_file, device, guidance=float(p["guidance"]),
+                                 autoguidance=float(p["autoguidance"]))
         shape = (net.in_channels, net.image_size, net.image_size)
         with torch.no_grad():
             out = generate(
@@ -102,6 +104,7 @@ def signature(channels: int, size: int) -> Any:
                 ParamSpec("sampler", "string", "ddim"),
                 ParamSpec("steps", "long", 50),
                 ParamSpec("guidance", "double", 0.0),
+                ParamSpec("autoguidance", "double", 0.0),
                 ParamSpec("spacing", "string", "linspace"),
                 ParamSpec("device", "string", "auto"),
             ]

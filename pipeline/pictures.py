@@ -37,7 +37,7 @@ from pipeline import paths
 from pipeline.config import Method, Params
 from pipeline.files import write_bytes, write_provenance
 from pipeline.prepare import load_split
-from pipeline.sample import load_model, method_labels
+from pipeline.sample import guided_denoiser, load_model, method_labels
 
 PROCESS_DIR = Path("reports/process")
 PICTURE_SEEDS = 4
@@ -230,7 +230,7 @@ def _message(text: str) -> Any:
 def run(params: Params) -> list[Path]:
     """Write every picture into ``reports/process``; returns the files written."""
     device = default_device()
-    denoiser, process, _ = load_model(device)
+    denoiser, process, model_file = load_model(device)
     net = denoiser.net
     num_classes = int(getattr(net, "num_classes", 0))
     shape = (net.in_channels, net.image_size, net.image_size)
@@ -254,7 +254,9 @@ def run(params: Params) -> list[Path]:
             print(f"pictures: {name}: skipped ({reason})")
             continue
         labels = method_labels(m, PICTURE_SEEDS, num_classes)
-        guided = ClassifierFreeGuidance(denoiser, m.guidance) if m.guidance > 0 else denoiser
+        guided = guided_denoiser(denoiser, model_file, device, guidance=m.guidance,
+                                 autoguidance=m.autoguidance,
+                                 option=f"methods.{name}.autoguidance")
         chain = reverse_chain(guided, process, sampler, shape=shape, seeds=seeds, labels=labels,
                               steps=steps, device=device, spacing=getattr(m, "spacing", "uniform"),
                               **(m.settings() if sampler == m.sampler else {}))

@@ -99,6 +99,7 @@ def method_row(params: Params, name: str) -> dict[str, Any]:
         "sampler": method.sampler,
         "steps": getattr(method, "steps", None),
         "guidance": method.guidance,
+        "autoguidance": method.autoguidance,
         "unconditional": method.unconditional,
         "status": status,
         "reason": scored.get("reason") or sampled.get("reason"),
@@ -197,6 +198,9 @@ def _interval(r: dict[str, Any], key: str) -> str:
 def _cell(r: dict[str, Any], key: str) -> str:
     if key == "guidance" and r.get("unconditional"):
         return "null label"
+    if key == "guidance" and r.get("autoguidance"):
+        auto = f"auto {r['autoguidance']:g}"
+        return f"{r['guidance']:g} + {auto}" if r.get("guidance") else auto
     if key in ("fid", "fid_floor"):
         return _interval(r, key)
     if key == "fid_matched":

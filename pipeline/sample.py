@@ -3,7 +3,9 @@
 Image ``i`` starts from seed ``seed + i`` (its prior draw and all its noise), so it is the same
 for any ``sample.batch_size``, and every method sees the same seeds. A class-conditional model
 samples the labels ``classes[i % len(classes)]`` (every class in turn when ``classes`` is null),
-with classifier-free guidance (Ho & Salimans 2022) when ``guidance > 0``. A method with
+with classifier-free guidance (Ho & Salimans 2022) when ``guidance > 0``. ``autoguidance > 0``
+guides any model with the weak snapshot that ``train.guide_at`` keeps in the model file
+(Karras et al. 2024); both together: classifier-free guidance of the autoguided denoiser. A method with
 ``unconditional: true`` samples the same network with ``labels=None``, which the U-Net maps to
 its null label (the unconditional model that label dropout trained); it stores no labels.
 
@@ -31,7 +33,7 @@ from diffusion_core.checkpoint import load_checkpoint, require_keys, save_atomic
 from diffusion_core.cuda_graphs import CUDAGraphNet
 from diffusion_core.denoiser import Denoiser
 from diffusion_core.distributed import DistInfo, barrier, cleanup, setup_distributed
-from diffusion_core.guidance import ClassifierFreeGuidance
+from diffusion_core.guidance import AutoGuidance, ClassifierFreeGuidance
 from diffusion_core.processes import NoiseProcess, make_process
 from diffusion_core.samplers import compatible
 from diffusion_core.unet import UNet
@@ -42,6 +44,15 @@ from pipeline.files import file_digest, write_bytes, write_json, write_provenanc
 from pipeline.shards import draw, gather, share
 
 GRID_IMAGES = 100
+
+
+def _network(config: dict[str, Any], state: dict[str, Tensor], device: torch.device):
+    net = UNet(**config)
+    net.load_state_dict(state)
+    net = net.to(device).eval()
+    if device.type == "cuda":  # fixed-shape sampling replays one CUDA graph per batch shape
+        net = CUDAGraphNet(net)
+    return net
 
 
 def load_model(
@@ -55,13 +66,27 @@ def load_model(
     except FileNotFoundError:
         raise StageError(f"{path} is missing: run the train stage first") from None
     require_keys(m, path, ("model_config", "ema", "process", "prediction"))
-    net = UNet(**m["model_config"])
-    net.load_state_dict(m["ema"])
     process = make_process(**m["process"])
-    net = net.to(device).eval()
-    if device.type == "cuda":  # fixed-shape sampling replays one CUDA graph per batch shape
-        net = CUDAGraphNet(net)
+    net = _network(m["model_config"], m["ema"], device)
     return Denoiser(net, process, m["prediction"]), process, m
+
+
+def guided_denoiser(denoiser: Denoiser, model_file: dict[str, Any], device: torch.device, *,
+                    guidance: float = 0.0, autoguidance: float = 0.0,
+                    option: str = "autoguidance") -> Any:
+    """``denoiser`` with autoguidance against the model file's guide snapshot (weight
+    ``autoguidance``), then classifier-free guidance (``guidance``); either 0 leaves it out.
+    A model file without a guide is a :class:`StageError` naming ``option``."""
+    guided: Any = denoiser
+    if autoguidance > 0:
+        guide = model_file.get("guide")
+        if guide is None:
+            raise StageError(f"{option}: the model has no guide snapshot; train it with "
+                             f"train.guide_at > 0 (e.g. 0.25) (got {option}={autoguidance})")
+        weak = _network(model_file["model_config"], guide["ema"], device)
+        guided = AutoGuidance(denoiser, Denoiser(weak, denoiser.process, denoiser.prediction),
+                              autoguidance)
+    return ClassifierFreeGuidance(guided, guidance) if guidance > 0 else guided
 
 
 def method_labels(method: Method, n: int, num_classes: int) -> Tensor | None:
@@ -144,7 +169,8 @@ def _sample(params: Params, method: str, m: Method, dist: DistInfo) -> dict[str,
     if reason is not None:
         return _skip(params, method, m, reason) if dist.is_main else {"status": "skipped"}
     net = denoiser.net
-    guided = ClassifierFreeGuidance(denoiser, m.guidance) if m.guidance > 0 else denoiser
+    guided = guided_denoiser(denoiser, model_file, device, guidance=m.guidance,
+                             autoguidance=m.autoguidance, option=f"methods.{method}.autoguidance")
     n, batch = params.sample.n_images, params.sample.batch_size
     seeds = [params.seed + i for i in range(n)]
     labels = method_labels(m, n, int(getattr(net, "num_classes", 0)))

@@ -81,6 +81,7 @@ def train_config(params: Params) -> TrainConfig:
         p_mean=t.p_mean,
         p_std=t.p_std,
         p_uncond=t.p_uncond if params.model.conditional else 0.0,
+        guide_at=t.guide_at,
         prediction=params.model.prediction,
         mixed_precision=t.mixed_precision,
         compile=t.compile,

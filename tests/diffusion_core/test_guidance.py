@@ -6,7 +6,7 @@ from torch import nn
 
 from diffusion_core.analytic import GaussianMixtureDenoiser
 from diffusion_core.denoiser import ClipX0, Denoiser
-from diffusion_core.guidance import ClassifierFreeGuidance
+from diffusion_core.guidance import AutoGuidance, ClassifierFreeGuidance
 from diffusion_core.losses import drop_labels
 from diffusion_core.processes import VPSDE, DiscreteDDPM
 from diffusion_core.rng import StackedRNG
@@ -177,3 +177,49 @@ def test_denoiser_and_guidance_have_no_clipping_of_their_own():
 
     assert "clip" not in str(inspect.signature(Denoiser))
     assert "clip" not in str(inspect.signature(ClassifierFreeGuidance))
+
+
+# ------------------------------------------------------------------------------ autoguidance
+@pytest.mark.parametrize("w", [0.0, 0.7, 2.0])
+def test_autoguided_eps_is_the_tilted_score(w):
+    """eps~ = -sigma [(1+w) grad log p_t(x) - w grad log p0_t(x)]: p the model's data (std 0.3),
+    p0 the weak guide's (std 0.6), scores by autograd (Karras et al. 2024, eq. 2)."""
+    p = VPSDE()
+    good = GaussianMixtureDenoiser(MEANS, STD, p)
+    weak = GaussianMixtureDenoiser(MEANS, 2 * STD, p)
+    guided = AutoGuidance(good, weak, w)
+    x = torch.randn(12, 1, 1, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.full((12,), 0.3, dtype=torch.float64)
+    grad_1 = torch.autograd.grad(good.log_prob(x, t, None).sum(), x)[0]
+    grad_0 = torch.autograd.grad(weak.log_prob(x, t, None).sum(), x)[0]
+    sigma, alpha = p.sigma(t[0]).item(), p.alpha(t[0]).item()
+    out = guided(x.detach(), t)
+    assert torch.allclose(out.eps.double(), -sigma * ((1 + w) * grad_1 - w * grad_0), atol=1e-8)
+    assert torch.allclose(alpha * out.x0 + sigma * out.eps, x.detach(), atol=1e-10)
+
+
+def test_autoguidance_sharpens_towards_the_good_model():
+    """Gaussian data: the guided ODE's samples are narrower than the model's own (the guide is
+    wider) and keep the mean; with the guide equal to the model nothing changes."""
+    p = DiscreteDDPM(200)
+    mean, n = torch.tensor([[[[0.5, -0.5]]]]), 3000
+    good = GaussianMixtureDenoiser(mean, STD, p)
+    weak = GaussianMixtureDenoiser(mean, 2 * STD, p)
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(n, 1, 1, 2, generator=g)
+    grid = p.time_grid(100)
+    plain = SAMPLERS["ddim"](good, p, x_T, grid).x
+    same = SAMPLERS["ddim"](AutoGuidance(good, good, 1.5), p, x_T, grid).x
+    sharp = SAMPLERS["ddim"](AutoGuidance(good, weak, 1.0), p, x_T, grid).x
+    assert torch.allclose(same, plain, atol=1e-5)
+    assert plain.std(0).mean().item() == pytest.approx(STD, rel=0.1)
+    assert sharp.std(0).mean().item() < 0.85 * STD
+    assert torch.allclose(sharp.mean(0), mean[0], atol=0.03)
+
+
+def test_autoguidance_checks_its_inputs():
+    good = GaussianMixtureDenoiser(MEANS, STD, VPSDE())
+    with pytest.raises(ValueError, match="w must be >= 0"):
+        AutoGuidance(good, good, -0.5)
+    with pytest.raises(ValueError, match="same noise process"):
+        AutoGuidance(good, GaussianMixtureDenoiser(MEANS, STD, DiscreteDDPM(100)), 1.0)

@@ -189,6 +189,29 @@ def test_model_file_rebuilds_the_network(tmp_path):
     assert m["config_hash"] == "h"
 
 
+def test_guide_snapshot_is_the_ema_at_its_step_and_survives_a_resume(tmp_path):
+    """guide_at = 0.5 of 6 steps keeps the EMA after step 3: the EMA of a 3-step run (no lr
+    decay, so the first 3 steps are the same), also when the run resumes past that step."""
+    short = _run(tmp_path / "short", 3)
+    full = _run(tmp_path / "full", 6, cfg={"guide_at": 0.5})
+    m = load_checkpoint(full.model_path)
+    assert m["guide"]["step"] == 3
+    expected = load_checkpoint(short.model_path)["ema"]
+    assert all(torch.equal(m["guide"]["ema"][k], expected[k]) for k in expected)
+    assert not all(torch.equal(m["ema"][k], expected[k]) for k in expected)  # not an alias
+    _run(tmp_path / "resumed", 4, cfg={"guide_at": 0.5})  # stops after the snapshot...
+    rest = _run(tmp_path / "resumed", 6, cfg={"guide_at": 0.5})  # ...and carries it on
+    assert rest.resumed
+    again = load_checkpoint(rest.model_path)["guide"]  # steps=4 put the snapshot at step 2,
+    assert again["step"] == 2  # and the file says so
+    assert not all(torch.equal(again["ema"][k], expected[k]) for k in expected)
+    _run(tmp_path / "same", 4, cfg={"guide_at": 0.75})  # the snapshot step is 3 either way
+    same = load_checkpoint(_run(tmp_path / "same", 6, cfg={"guide_at": 0.5}).model_path)
+    assert all(torch.equal(same["guide"]["ema"][k], expected[k]) for k in expected)
+    plain = load_checkpoint(_run(tmp_path / "plain", 2).model_path)
+    assert "guide" not in plain
+
+
 def test_sigint_stops_after_the_step_saves_and_resumes_exactly(tmp_path):
     full = _run(tmp_path / "a", 6)
 

@@ -45,9 +45,10 @@ def copy_code(root: Path) -> None:
         shutil.copytree(REPO / package, root / package, ignore=ignore)
 
 
-def tiny_model(path: Path, num_classes: int = 10) -> Path:
+def tiny_model(path: Path, num_classes: int = 10, guide: str | None = None) -> Path:
     """A tiny untrained U-Net on an 8x8 digits-like process of 100 steps (``tiny_raw``'s), saved
-    as the train stage saves ``runs/train/model.pt``."""
+    as the train stage saves ``runs/train/model.pt``; ``guide``: with an autoguidance guide
+    snapshot, ``"same"`` weights or ``"other"`` (perturbed) ones."""
     import torch
 
     from diffusion_core.checkpoint import save_atomic
@@ -59,6 +60,12 @@ def tiny_model(path: Path, num_classes: int = 10) -> Path:
         net = UNet(in_channels=1, image_size=8, base_channels=8, channel_mults=[1, 2],
                    num_res_blocks=1, attention_resolutions=[4], num_classes=num_classes)
     process = make_process("ddpm", num_steps=100)
-    save_atomic({"model_config": net.config, "ema": net.state_dict(),
-                 "process": process.describe(), "prediction": "eps"}, path)
+    m = {"model_config": net.config, "ema": net.state_dict(), "process": process.describe(),
+         "prediction": "eps"}
+    if guide is not None:
+        g = torch.Generator().manual_seed(1)
+        weak = {k: v + (0.05 * torch.randn(v.shape, generator=g) if guide == "other" else 0)
+                for k, v in net.state_dict().items()}
+        m["guide"] = {"ema": weak, "step": 1}
+    save_atomic(m, path)
     return path

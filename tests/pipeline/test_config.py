@@ -162,6 +162,12 @@ BAD += [
         "methods.u.unconditional: cannot be combined with classifier-free guidance",
     ),
     (
+        "autoguidance without a guide snapshot",
+        _method("a", {"sampler": "ddim", "steps": 5, "autoguidance": 1.0}),
+        "methods.a.autoguidance: needs the guide snapshot of train.guide_at > 0",
+    ),
+    ("guide_at of 1", _set("train", "guide_at", 1.0), "train.guide_at"),
+    (
         "unconditional with classes",
         _method("u", {"sampler": "ddim", "steps": 5, "unconditional": True, "classes": [3]}),
         "methods.u.unconditional: samples with the null label, so it takes no classes",

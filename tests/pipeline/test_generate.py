@@ -86,6 +86,8 @@ BAD = [
     (["--steps", "0"], "--steps: must be at least 1"),
     (["--seed", "-1"], "--seed: must be 0 or more"),
     (["-w", "-1"], "--guidance: must be 0 or more"),
+    (["--autoguidance", "-1"], "--autoguidance: must be 0 or more"),
+    (["--autoguidance", "1"], "--autoguidance: the model has no guide snapshot; train it"),
     (["--sampler", "magic"], "--sampler: unknown 'magic'; choose one of ddpm, ddim"),
     (["--set", "eta"], "--set: expected KEY=VALUE (got 'eta')"),
     (["--set", "snr=1"], "--set snr: ddim takes eta (got 'snr=1')"),
@@ -186,3 +188,20 @@ def test_model_from_the_mlflow_registry(model: Path, tmp_path: Path,
     code, text = generate("--model", "models:/no-such-model/1", "--out", str(tmp_path / "c"))
     assert code == 1 and text.startswith("error: --model models:/no-such-model/1: cannot load")
     assert len(text.strip().splitlines()) == 1
+
+
+def test_autoguidance_uses_the_guide_snapshot(tmp_path: Path) -> None:
+    """A guide equal to the model changes nothing ((1 + w) D - w D = D); another guide does."""
+    outs = {}
+    for guide in ("same", "other"):
+        model = tiny_model(tmp_path / guide / "model.pt", num_classes=0, guide=guide)
+        for w in ("0", "1.5"):
+            out = tmp_path / f"{guide}-{w}"
+            code, text = generate("--model", str(model), "-n", "4", "--steps", "4",
+                                  "--autoguidance", w, "--out", str(out), "--no-png")
+            assert code == 0, text
+            with np.load(out / "images.npz") as z:
+                outs[guide, w] = z["images"]
+    assert np.array_equal(outs["same", "0"], outs["same", "1.5"])
+    assert np.array_equal(outs["same", "0"], outs["other", "0"])
+    assert not np.array_equal(outs["other", "0"], outs["other", "1.5"])

@@ -51,17 +51,20 @@ def test_cpu_profiles_pass_the_check_stage(name: str) -> None:
 
 
 def test_the_unconditional_mnist_profile_is_mnist_cpu_without_labels() -> None:
-    """One recipe: the unconditional profile may differ from mnist-cpu only in conditioning."""
+    """One recipe: the unconditional profile may differ from mnist-cpu only in conditioning, and
+    add autoguided methods (with the guide snapshot they need)."""
     cond, uncond = (merged_params(default_raw(), n)[1] for n in ("mnist-cpu", "mnist-uncond-cpu"))
     assert cond.model.conditional and not uncond.model.conditional
     assert uncond.train.p_uncond == 0.0
     assert uncond.model.model_dump(exclude={"conditional"}) == cond.model.model_dump(
         exclude={"conditional"})
-    assert uncond.train.model_dump(exclude={"p_uncond"}) == cond.train.model_dump(
-        exclude={"p_uncond"})
+    assert uncond.train.model_dump(exclude={"p_uncond", "guide_at"}) == cond.train.model_dump(
+        exclude={"p_uncond", "guide_at"})
     assert uncond.process == cond.process and uncond.data == cond.data
     assert all(m.guidance == 0 for m in uncond.methods.values())
-    assert set(uncond.methods) < set(cond.methods)
+    plain = {n for n, m in uncond.methods.items() if m.autoguidance == 0}
+    assert plain < set(cond.methods) and len(plain) < len(uncond.methods)
+    assert uncond.train.guide_at > 0
 
 
 @pytest.mark.skipif(inception_weights_path().is_file(), reason="Inception weights are present")

@@ -171,3 +171,17 @@ def test_files_of_removed_methods_are_pruned(workdir: Path) -> None:
     assert not paths.eval_record("gone").exists()
     assert paths.grid_path("a").exists() and paths.eval_record("a").exists()
     assert "gone" not in (workdir / paths.SUMMARY_MD).read_text()
+
+
+def test_table_names_autoguidance_in_the_guidance_column(workdir: Path) -> None:
+    methods = {"ag": ({"sampler": "ddim", "steps": 5, "autoguidance": 1.5}, 9.0, 0.5),
+               "both": ({"sampler": "ddim", "steps": 5, "autoguidance": 1.0, "guidance": 2.0},
+                        9.5, 0.9)}
+    raw = tiny_raw()
+    raw["train"]["guide_at"] = 0.25
+    raw["methods"] = {name: spec for name, (spec, _, _) in methods.items()}
+    write_records(methods)
+    report.run(validate_params(raw))
+    table = (workdir / paths.SUMMARY_MD).read_text()
+    assert "| ag | ddim | 5 | auto 1.5 |" in table
+    assert "| both | ddim | 5 | 2 + auto 1 |" in table

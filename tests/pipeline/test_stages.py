@@ -25,6 +25,7 @@ from pipeline.files import file_digest
 
 def params_with(**methods: dict[str, Any]) -> Params:
     raw = tiny_raw()
+    raw["train"]["guide_at"] = 0.5  # the model file keeps the EMA of step 3 as a guide
     raw["methods"].update(methods)
     return validate_params(raw)
 
@@ -135,6 +136,22 @@ def test_classes_and_guidance(workspace: Path) -> None:
         sample.run(params_with(guided=spec), "guided")
     out = load_checkpoint(workspace / paths.samples_dir("guided") / "samples.pt")
     assert out["labels"].tolist() == [3, 5] * 10
+
+
+def test_autoguidance_against_the_trained_guide_snapshot(workspace: Path) -> None:
+    """The train stage kept the EMA of step 3 of 6; an autoguided method samples against it
+    (the same seeds give other images) and composes with classifier-free guidance."""
+    spec = {"sampler": "ddim", "steps": 2}
+    params = params_with(plain=spec, auto=({**spec, "autoguidance": 2.0}),
+                         both={**spec, "autoguidance": 2.0, "guidance": 1.0})
+    with contextlib.chdir(workspace):
+        for name in ("plain", "auto", "both"):
+            assert sample.run(params, name)["status"] == "ok"
+    assert load_checkpoint(workspace / paths.MODEL)["guide"]["step"] == 3
+    images = {n: load_checkpoint(workspace / paths.samples_dir(n) / "samples.pt")["images"]
+              for n in ("plain", "auto", "both")}
+    assert not torch.equal(images["plain"], images["auto"])
+    assert not torch.equal(images["auto"], images["both"])
 
 
 def test_unconditional_method_samples_the_null_label(workspace: Path) -> None:
