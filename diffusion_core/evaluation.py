@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from statistics import NormalDist
 from typing import NamedTuple
 
 import numpy as np
@@ -462,6 +463,20 @@ def reference_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarr
         ref.append(idx[:half])
         floor.append(idx[half:])
     return np.sort(np.concatenate(ref)), np.sort(np.concatenate(floor))
+
+
+def proportion_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (Wilson 1927): the roots ``p`` of
+    ``(k/n - p)^2 = z^2 p (1 - p) / n``; it stays inside [0, 1] and is not empty at 0 or n."""
+    _check_confidence(confidence)
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    low = 0.0 if k == 0 else max(0.0, centre - half)  # exact ends: no rounding below 0
+    return low, 1.0 if k == n else min(1.0, centre + half)
 
 
 def verdict(fid: float, floor_low: float, floor_high: float) -> str:

@@ -197,6 +197,27 @@ def train_classifier(
 
 
 @torch.no_grad()
+def top_probabilities(
+    classifier: nn.Module,
+    images: Tensor,
+    batch_size: int = 512,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """The classifier's largest softmax probability for each image: how sure it is of its own
+    label. A share of images below a threshold (e.g. 0.9) counts the ambiguous or malformed ones,
+    on samples as on real images (an Inception-score-like view, per image)."""
+    device = _default_device(device)
+    was_training = classifier.training
+    classifier.to(device).eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            logits = classifier(images[start : start + batch_size].to(device, torch.float32))
+            out.append(logits.float().softmax(1).amax(1).cpu())
+    classifier.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def classification_accuracy(
     classifier: nn.Module,
     images: Tensor,

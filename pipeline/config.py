@@ -294,6 +294,11 @@ class EvaluateParams(_Section):
     confidence: float = Field(0.95, gt=0.0, lt=1.0, description="level of the intervals")
     kid_subsets: int = Field(100, ge=2, description="random subsets per KID estimate")
     near_copy_quantile: float = Field(0.05, gt=0.0, lt=1.0)
+    unclear_below: float = Field(
+        0.9, gt=0.0, le=1.0,
+        description="a sample is unclear when the evaluation classifier's top probability is "
+                    "below this",
+    )
 
 
 class TrackingParams(_Section):

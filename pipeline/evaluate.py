@@ -16,6 +16,11 @@ features computed in batches of ``evaluate.batch_size``, and scored against R:
   ``*_floor`` values (F against R at the same size ``prdc_n``).
 * ``near_copy_fraction`` (pixel space, against the training split) and
   ``near_copy_fraction_heldout`` (F's value; about ``evaluate.near_copy_quantile``).
+* ``unclear_fraction`` with ``unclear_fraction_ci_low``/``_ci_high`` (Wilson interval, level
+  ``evaluate.confidence``): the share of samples whose evaluation-classifier top probability is
+  below ``evaluate.unclear_below`` (ambiguous or malformed digits, noise), and
+  ``unclear_fraction_floor`` with its interval: the same share for the m real images of F. Only
+  with an evaluation classifier (a dataset with classes).
 * ``class_accuracy``: for samples drawn with class labels (a conditional model, not an
   ``unconditional`` method), the fraction the evaluation classifier assigns to the class they
   were asked for.
@@ -45,9 +50,20 @@ import torch
 from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.data import from_levels, from_uint8, to_levels
 from diffusion_core.distributed import default_device
-from diffusion_core.evaluation import SCORES, memorisation, score_features, verdict
+from diffusion_core.evaluation import (
+    SCORES,
+    memorisation,
+    proportion_interval,
+    score_features,
+    verdict,
+)
 from diffusion_core.likelihood import bits_per_dim
-from diffusion_core.metrics import classification_accuracy, extract_features, inception_extractor
+from diffusion_core.metrics import (
+    classification_accuracy,
+    extract_features,
+    inception_extractor,
+    top_probabilities,
+)
 from pipeline import paths
 from pipeline.classifier import features, held_out_halves, load_classifier
 from pipeline.config import Params, RK45Method
@@ -61,7 +77,7 @@ from pipeline.sample import load_model
 #: what ``metrics/eval/M.json`` (the DVC metric) keeps of the full record, so that
 #: ``dvc metrics show`` / ``dvc exp show`` fit a terminal; everything is in ``reports/eval/M.json``
 HEADLINE = ("nfe", "fid", "fid_ci_low", "fid_ci_high", "fid_floor", "precision", "recall",
-            "class_accuracy", "bpd")
+            "unclear_fraction", "unclear_fraction_floor", "class_accuracy", "bpd")
 
 
 def headline(record: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +169,23 @@ def _skipped(params: Params, method: str, sample_record: dict[str, Any]) -> dict
     return record
 
 
+def _unclear(params: Params, images: torch.Tensor, real: torch.Tensor,
+             device: torch.device) -> dict[str, float]:
+    """The shares of samples and of real images (F) the classifier is unsure of, with Wilson
+    intervals; nothing without an evaluation classifier."""
+    obj = load_checkpoint(paths.CLASSIFIER, map_location="cpu")
+    if obj.get("status") == "skipped":
+        return {}
+    ev, clf = params.evaluate, load_classifier(device)
+    out: dict[str, float] = {}
+    for key, x in (("unclear_fraction", images), ("unclear_fraction_floor", real)):
+        k = int((top_probabilities(clf, x, ev.batch_size, device) < ev.unclear_below).sum())
+        out[key] = k / x.shape[0]
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = proportion_interval(
+            k, x.shape[0], ev.confidence)
+    return out
+
+
 def _flat(images: torch.Tensor) -> np.ndarray:
     return images.flatten(1).double().numpy()
 
@@ -201,6 +234,8 @@ def run(params: Params, method: str) -> dict[str, Any]:
         )
         bar.update(1, done="near_copies")
     metrics.update(_bits_per_dim(params, method, device))
+    metrics.update(_unclear(params, images, test_x[floor_idx][: int(metrics["fid_matched_n"])],
+                            device))
     labels = samples.get("labels")
     if labels is not None:
         metrics["class_accuracy"] = classification_accuracy(

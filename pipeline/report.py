@@ -13,7 +13,8 @@ and MLflow:
   differs from it only in ``guidance`` (``w = 0`` included), scored with class accuracy.
 
 The table shows each method's FID with its interval, the floor at the same n with its interval,
-KID x1000 +- std, precision/recall, density/coverage, the near-copy fraction and the verdict, and
+KID x1000 +- std, precision/recall, density/coverage, the near-copy fraction, the unclear share
+(against real images') and the verdict, and
 states which methods are not resolved apart (overlapping FID intervals,
 ``diffusion_core.evaluation.indistinguishable_from``).
 
@@ -59,6 +60,10 @@ SCORES = (
     "coverage",
     "near_copy_fraction",
     "near_copy_fraction_heldout",
+    "unclear_fraction",
+    "unclear_fraction_ci_low",
+    "unclear_fraction_ci_high",
+    "unclear_fraction_floor",
     "class_accuracy",
     "n_images",
 )
@@ -75,6 +80,7 @@ COLUMNS = (
     ("precision", "P / R"),
     ("density", "D / C"),
     ("near_copy_fraction", "near copies"),
+    ("unclear_fraction", "unclear [CI] (real)"),
     ("class_accuracy", "class acc."),
     ("verdict", "verdict"),
 )
@@ -215,6 +221,11 @@ def _cell(r: dict[str, Any], key: str) -> str:
         return "-" if r.get(key) is None else f"{r['density']:.2f} / {r['coverage']:.2f}"
     if key == "near_copy_fraction":
         return "-" if r.get(key) is None else f"{r[key]:.3f}"
+    if key == "unclear_fraction":
+        if r.get(key) is None:
+            return "-"
+        return (f"{r[key]:.3f} [{r[f'{key}_ci_low']:.3f}, {r[f'{key}_ci_high']:.3f}] "
+                f"({r[f'{key}_floor']:.3f})")
     value = r.get(key)
     return _num(value) if isinstance(value, float) else ("-" if value is None else str(value))
 
@@ -254,6 +265,9 @@ def markdown(rows: list[dict[str, Any]], extractor: str) -> str:
         "samples (FID at m) inside the floor's interval = indistinguishable from real data at",
         "this n. KID on standardised features;",
         "near copies: share of samples closer to a training image than 5 % of held-out ones.",
+        "unclear: share of samples the evaluation classifier labels with a top probability",
+        "below evaluate.unclear_below (ambiguous or malformed), Wilson interval; in brackets",
+        "the same share for the m real images of F.",
     ]
     if any(r.get("unconditional") for r in rows):
         notes += [

@@ -20,6 +20,7 @@ from diffusion_core.evaluation import (
     nearest_distances,
     overlaps,
     prdc,
+    proportion_interval,
     reference_split,
     standardise,
     verdict,
@@ -214,3 +215,15 @@ def test_score_features_reports_each_score_in_order() -> None:
                            kid_subsets=4, callback=seen.append)
     assert seen == list(SCORES)
     assert heard == quiet  # the callback only watches
+
+
+def test_wilson_interval_matches_its_closed_form_and_stays_in_0_1():
+    """Wilson (1927): 5 of 10 at 95 % is 0.5 +- 0.2634; 0 of 10 gives [0, 0.2775]."""
+    lo, hi = proportion_interval(5, 10, 0.95)
+    assert (lo, hi) == pytest.approx((0.23659, 0.76341), abs=1e-5)
+    assert proportion_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
+    assert proportion_interval(0, 10)[0] == 0.0 and proportion_interval(10, 10)[1] == 1.0
+    narrow, wide = proportion_interval(30, 500, 0.8), proportion_interval(30, 500, 0.99)
+    assert wide[0] < narrow[0] < 0.06 < narrow[1] < wide[1]
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        proportion_interval(11, 10)

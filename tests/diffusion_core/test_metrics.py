@@ -22,6 +22,7 @@ from diffusion_core.metrics import (
     inception_extractor,
     inception_weights_path,
     kid_from_features,
+    top_probabilities,
     train_classifier,
 )
 
@@ -203,3 +204,17 @@ def test_inception_extractor_offline_error_names_the_file() -> None:
     with pytest.raises(RuntimeError, match="inception-2015-12-05.pt") as info:
         inception_extractor("cpu")
     assert str(inception_weights_path()) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_top_probabilities_are_the_softmax_maximum():
+    """A 'classifier' whose logits are the mean pixel times (1, 0, -1): softmax by hand."""
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            m = x.flatten(1).mean(1, keepdim=True)
+            return m * torch.tensor([1.0, 0.0, -1.0])
+
+    images = torch.tensor([0.0, 2.0, -3.0]).reshape(3, 1, 1, 1).expand(3, 1, 2, 2)
+    top = top_probabilities(Fixed(), images, batch_size=2)
+    expected = torch.stack([torch.tensor([m, 0.0, -m]).softmax(0).max() for m in (0.0, 2.0, -3.0)])
+    assert torch.allclose(top, expected) and top[0] == pytest.approx(1 / 3)

@@ -61,6 +61,10 @@ def write_records(methods: dict[str, tuple[dict[str, Any], float, float | None]]
             "density": 1.1,
             "coverage": 0.8,
             "near_copy_fraction": 0.02,
+            "unclear_fraction": 0.05,
+            "unclear_fraction_ci_low": 0.034,
+            "unclear_fraction_ci_high": 0.073,
+            "unclear_fraction_floor": 0.04,
             "confidence": 0.95,
             "n_images": 400,
         }
@@ -185,3 +189,4 @@ def test_table_names_autoguidance_in_the_guidance_column(workdir: Path) -> None:
     table = (workdir / paths.SUMMARY_MD).read_text()
     assert "| ag | ddim | 5 | auto 1.5 |" in table
     assert "| both | ddim | 5 | 2 + auto 1 |" in table
+    assert "| 0.020 | 0.050 [0.034, 0.073] (0.040) |" in table  # near copies, unclear (real)

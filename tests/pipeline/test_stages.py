@@ -183,6 +183,12 @@ def test_unconditional_method_samples_the_null_label(workspace: Path) -> None:
     assert torch.equal(to_uint8(explicit.x.cpu()), uncond["images"])
     assert scored["status"] == "ok" and "class_accuracy" not in scored
     assert scored["fid"] > 0 and scored["extractor"] == "classifier"
+    # shares of 20 samples and of m real images, inside their Wilson intervals
+    m = scored["fid_matched_n"]
+    for key, count in (("unclear_fraction", 20), ("unclear_fraction_floor", m)):
+        assert 0 <= scored[f"{key}_ci_low"] <= scored[key] <= scored[f"{key}_ci_high"] <= 1
+        assert scored[key] * count == pytest.approx(round(scored[key] * count))
+    assert "unclear_fraction" in read(workspace / paths.eval_metrics("uncond2"))
 
 
 def test_incompatible_sampler_is_recorded_as_skipped(workspace: Path) -> None:
