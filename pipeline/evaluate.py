@@ -77,7 +77,7 @@ from pipeline.sample import load_model
 #: what ``metrics/eval/M.json`` (the DVC metric) keeps of the full record, so that
 #: ``dvc metrics show`` / ``dvc exp show`` fit a terminal; everything is in ``reports/eval/M.json``
 HEADLINE = ("nfe", "fid", "fid_ci_low", "fid_ci_high", "fid_floor", "precision", "recall",
-            "unclear_fraction", "unclear_fraction_floor", "class_accuracy", "bpd")
+            "unclear_fraction", "class_accuracy", "bpd")
 
 
 def headline(record: dict[str, Any]) -> dict[str, Any]:
