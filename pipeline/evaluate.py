@@ -169,14 +169,13 @@ def _skipped(params: Params, method: str, sample_record: dict[str, Any]) -> dict
     return record
 
 
-def _unclear(params: Params, images: torch.Tensor, real: torch.Tensor,
-             device: torch.device) -> dict[str, float]:
+def _unclear(params: Params, clf: torch.nn.Module | None, images: torch.Tensor,
+             real: torch.Tensor, device: torch.device) -> dict[str, float]:
     """The shares of samples and of real images (F) the classifier is unsure of, with Wilson
-    intervals; nothing without an evaluation classifier."""
-    obj = load_checkpoint(paths.CLASSIFIER, map_location="cpu")
-    if obj.get("status") == "skipped":
+    intervals; nothing without an evaluation classifier (``clf`` None)."""
+    if clf is None:
         return {}
-    ev, clf = params.evaluate, load_classifier(device)
+    ev = params.evaluate
     out: dict[str, float] = {}
     for key, x in (("unclear_fraction", images), ("unclear_fraction_floor", real)):
         k = int((top_probabilities(clf, x, ev.batch_size, device) < ev.unclear_below).sum())
@@ -205,10 +204,15 @@ def run(params: Params, method: str) -> dict[str, Any]:
     train_x, _ = load_split(paths.TRAIN_DATA)
     test_x, test_y = load_split(paths.TEST_DATA)
     ref_f, floor_f = _reference(params, test_x, test_y, device)
+    try:  # loaded once: features, the unclear share and class accuracy
+        clf = load_classifier(device)
+    except StageError:  # a dataset without classes: only the inception extractor scores it
+        if name == "classifier":
+            raise
+        clf = None
     if name == "classifier":
         with Progress(n, f"{method} features", unit="img", every=ev.batch_size) as bar:
-            sample_f = features(load_classifier(device), images, ev.batch_size, device,
-                                bar.update).numpy()
+            sample_f = features(clf, images, ev.batch_size, device, bar.update).numpy()
     else:
         sample_f = _inception(images, params, device, f"{method} features")
     ref_idx, floor_idx = held_out_halves(params, test_y)
@@ -234,12 +238,12 @@ def run(params: Params, method: str) -> dict[str, Any]:
         )
         bar.update(1, done="near_copies")
     metrics.update(_bits_per_dim(params, method, device))
-    metrics.update(_unclear(params, images, test_x[floor_idx][: int(metrics["fid_matched_n"])],
-                            device))
+    metrics.update(_unclear(params, clf, images,
+                            test_x[floor_idx][: int(metrics["fid_matched_n"])], device))
     labels = samples.get("labels")
     if labels is not None:
         metrics["class_accuracy"] = classification_accuracy(
-            load_classifier(device), images, labels, ev.batch_size, device
+            clf, images, labels, ev.batch_size, device
         )
     record = {
         "status": "ok",

@@ -245,11 +245,11 @@ def _generate(o: GenerateOptions, settings: dict[str, Any], checkpoint: Path, di
         process.time_grid(o.steps if steps else 2, o.spacing)
     except ValueError as exc:
         raise OptionError(f"--spacing: {exc} (got {o.spacing!r})") from None
-    if o.autoguidance > 0 and "guide" not in model_file:
-        raise OptionError(f"--autoguidance: the model has no guide snapshot; train it with "
-                          f"train.guide_at > 0 (got {o.autoguidance})")
-    guided = guided_denoiser(denoiser, model_file, device, guidance=o.guidance,
-                             autoguidance=o.autoguidance, option="--autoguidance")
+    try:
+        guided = guided_denoiser(denoiser, model_file, device, guidance=o.guidance,
+                                 autoguidance=o.autoguidance, option="--autoguidance")
+    except StageError as exc:  # a model without a guide snapshot: a bad option here
+        raise OptionError(str(exc)) from None
     shape = (net.in_channels, net.image_size, net.image_size)
     o.out.mkdir(parents=True, exist_ok=True)
 

@@ -59,6 +59,7 @@ class DiffusionSampler(mlflow.pyfunc.PythonModel):
         from diffusion_core.data import to_uint8
         from diffusion_core.distributed import default_device
         from diffusion_core.samplers import generate
+        from pipeline.errors import StageError
         from pipeline.sample import guided_denoiser
 
         p = {"sampler": "ddim", "steps": 50, "guidance": 0.0, "autoguidance": 0.0,
@@ -78,10 +79,12 @@ class DiffusionSampler(mlflow.pyfunc.PythonModel):
             raise ValueError("this model is unconditional: leave out `label` or use -1")
         if float(p["guidance"]) > 0 and labels is None:
             raise ValueError("guidance needs a class-conditional model and labels")
-        if float(p["autoguidance"]) > 0 and "guide" not in model_file:
-            raise ValueError("autoguidance needs a model trained with train.guide_at > 0")
-        guided = guided_denoiser(denoiser, model_file, device, guidance=float(p["guidance"]),
-                                 autoguidance=float(p["autoguidance"]))
+        try:
+            guided = guided_denoiser(denoiser, model_file, device,
+                                     guidance=float(p["guidance"]),
+                                     autoguidance=float(p["autoguidance"]))
+        except StageError as exc:  # a model without a guide snapshot
+            raise ValueError(str(exc)) from None
         shape = (net.in_channels, net.image_size, net.image_size)
         with torch.no_grad():
             out = generate(

@@ -5,8 +5,8 @@ for any ``sample.batch_size``, and every method sees the same seeds. A class-con
 samples the labels ``classes[i % len(classes)]`` (every class in turn when ``classes`` is null),
 with classifier-free guidance (Ho & Salimans 2022) when ``guidance > 0``. ``autoguidance > 0``
 guides any model with the weak snapshot that ``train.guide_at`` keeps in the model file
-(Karras et al. 2024); both together: classifier-free guidance of the autoguided denoiser. A method with
-``unconditional: true`` samples the same network with ``labels=None``, which the U-Net maps to
+(Karras et al. 2024); both together: classifier-free guidance of the autoguided denoiser. A
+method with ``unconditional: true`` samples the same network with ``labels=None``, which the U-Net maps to
 its null label (the unconditional model that label dropout trained); it stores no labels.
 
 Under ``torchrun`` (``sample.nproc`` processes in ``dvc.yaml``) rank ``r`` of ``W`` draws images
