@@ -12,6 +12,12 @@ middle of the network. Downsampling is a stride-2 convolution, upsampling neares
 followed by a 3x3 convolution. The last convolution of every residual branch, of every attention
 output projection, and of the network output are zero-initialised (as in Ho et al.'s code), so a
 fresh network predicts zero.
+
+``patch_size = p > 1`` runs the U-Net on ``p x p`` patches: the input is folded into ``p * p``
+times the channels at ``1/p`` of the resolution (space-to-depth, ``pixel_unshuffle``) and the
+output unfolded back (``pixel_shuffle``), as the patching of DiT (Peebles & Xie 2023) and the
+"simple diffusion" U-Nets (Hoogeboom et al. 2023), which move the costly full-resolution level
+to a cheaper one. ``attention_resolutions`` then count feature-map pixels of the patched grid.
 """
 
 from __future__ import annotations
@@ -149,6 +155,8 @@ class UNet(nn.Module):
         dropout: dropout rate inside residual blocks.
         num_classes: real classes; ``0`` = unconditional. Index ``num_classes`` is the null label.
         num_heads: attention heads; must divide the channels of every attention block.
+        patch_size: side of the square patches folded into channels before the first
+            convolution (1 = none); must divide ``image_size``.
     """
 
     def __init__(
@@ -163,6 +171,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         num_classes: int = 0,
         num_heads: int = 4,
+        patch_size: int = 1,
     ) -> None:
         super().__init__()
         channel_mults = tuple(int(m) for m in channel_mults)
@@ -177,6 +186,7 @@ class UNet(nn.Module):
             dropout,
             num_classes,
             num_heads,
+            patch_size,
         )
         self._config: dict[str, Any] = {
             "in_channels": int(in_channels),
@@ -188,11 +198,14 @@ class UNet(nn.Module):
             "dropout": float(dropout),
             "num_classes": int(num_classes),
             "num_heads": int(num_heads),
+            "patch_size": int(patch_size),
         }
         self.in_channels = in_channels
         self.image_size = image_size
         self.num_classes = num_classes
         self.null_label: int | None = num_classes if num_classes > 0 else None
+        self.patch_size = int(patch_size)
+        patched_channels = in_channels * self.patch_size**2
 
         emb_dim = 4 * base_channels
         self.time_dim = base_channels
@@ -204,10 +217,10 @@ class UNet(nn.Module):
         def attn(ch: int, res: int) -> AttentionBlock | None:
             return AttentionBlock(ch, num_heads) if res in attention_resolutions else None
 
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(patched_channels, base_channels, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels = [base_channels]
-        ch, res = base_channels, image_size
+        ch, res = base_channels, image_size // self.patch_size
         for level, mult in enumerate(channel_mults):
             out_ch = base_channels * mult
             for _ in range(num_res_blocks):
@@ -239,7 +252,7 @@ class UNet(nn.Module):
                 res *= 2
 
         self.norm_out = group_norm(ch)
-        self.conv_out = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
+        self.conv_out = _zero(nn.Conv2d(ch, patched_channels, 3, padding=1))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -264,6 +277,8 @@ class UNet(nn.Module):
         if self.label_emb is not None:
             emb = emb + self.label_emb(self._check_labels(labels, batch, x.device))
 
+        if self.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.patch_size)
         h = self.conv_in(x)
         skips = [h]
         for module in self.down:
@@ -278,7 +293,8 @@ class UNet(nn.Module):
                 h = module(h, emb)
             else:
                 h = module(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out
 
     @staticmethod
     def _broadcast_t(t: Tensor | float, batch: int, x: Tensor) -> Tensor:
@@ -323,6 +339,7 @@ def _validate(
     dropout: float,
     num_classes: int,
     num_heads: int,
+    patch_size: int = 1,
 ) -> None:
     """Raise ValueError with a one-line message for an invalid U-Net configuration."""
     for name, value, low in (
@@ -332,6 +349,7 @@ def _validate(
         ("num_res_blocks", num_res_blocks, 1),
         ("num_classes", num_classes, 0),
         ("num_heads", num_heads, 1),
+        ("patch_size", patch_size, 1),
     ):
         if int(value) != value or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -339,12 +357,15 @@ def _validate(
         raise ValueError(f"channel_mults must be non-empty positive integers, got {channel_mults}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if image_size % patch_size != 0:
+        raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+    size = image_size // patch_size
     factor = 2 ** (len(channel_mults) - 1)
-    if image_size % factor != 0:
-        raise ValueError(
-            f"image_size {image_size} is not divisible by 2**(len(channel_mults)-1) = {factor}"
-        )
-    resolutions = [image_size // 2**i for i in range(len(channel_mults))]
+    if size % factor != 0:
+        where = f"image_size {image_size}" + (f" / patch_size {patch_size} = {size}"
+                                               if patch_size > 1 else "")
+        raise ValueError(f"{where} is not divisible by 2**(len(channel_mults)-1) = {factor}")
+    resolutions = [size // 2**i for i in range(len(channel_mults))]
     for r in attention_resolutions:
         if r not in resolutions:
             raise ValueError(

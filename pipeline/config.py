@@ -116,6 +116,10 @@ class ModelParams(_Section):
     dropout: float = Field(ge=0.0, lt=1.0)
     prediction: Literal["eps", "x0", "v"]
     conditional: bool
+    patch_size: int = Field(
+        1, ge=1, le=64,
+        description="fold p x p pixel patches into channels before the U-Net (1: none)",
+    )
 
 
 class TrainParams(_Section):
@@ -451,12 +455,16 @@ def _cross_field_errors(p: Params) -> list[str]:
 
 
 def _architecture_errors(m: ModelParams, size: int) -> list[str]:
+    if size % m.patch_size:
+        return [f"model.patch_size: must divide the {size}x{size} images (got {m.patch_size})"]
     errors = []
+    size //= m.patch_size
+    grid = f"{size}x{size} patch grid" if m.patch_size > 1 else f"{size}x{size} images"
     resolutions = [size // 2**i for i in range(len(m.channel_mults))]
     if size % 2 ** (len(m.channel_mults) - 1):
         errors.append(
             f"model.channel_mults: {len(m.channel_mults)} levels do not divide the "
-            f"{size}x{size} images (got {m.channel_mults})"
+            f"{grid} (got {m.channel_mults})"
         )
     for r in m.attention_resolutions:
         if r not in resolutions:

@@ -55,6 +55,7 @@ def build_unet(params: Params) -> UNet:
             attention_resolutions=m.attention_resolutions,
             dropout=m.dropout,
             num_classes=info.num_classes if m.conditional else 0,
+            patch_size=m.patch_size,
         )
     except ValueError as exc:
         raise ParamsError(f"model: {exc}") from None

@@ -133,6 +133,36 @@ def test_invalid_configs_raise(overrides: dict, message: str) -> None:
         UNet(**{**SMALL, **overrides})
 
 
+def test_patches_fold_pixels_into_channels() -> None:
+    """``patch_size = 2`` is the U-Net of 4x the channels on the half-size grid, between
+    space-to-depth and its inverse: the same weights give the same output."""
+    torch.manual_seed(4)
+    patched = randomize(UNet(in_channels=3, **{**SMALL, "image_size": 16}, patch_size=2)).eval()
+    inner = UNet(in_channels=12, **SMALL).eval()
+    inner.load_state_dict(patched.state_dict())
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    out = patched(x, t)
+    assert out.shape == x.shape
+    torch.testing.assert_close(
+        out, torch.nn.functional.pixel_shuffle(inner(torch.nn.functional.pixel_unshuffle(x, 2), t), 2)
+    )
+    # the config keeps the patch size
+    assert UNet(**patched.config).patch_size == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(patch_size=3), "not divisible by patch_size 3"),
+        (dict(patch_size=4), "8 / patch_size 4 = 2 is not divisible by 2"),
+        (dict(patch_size=0), "patch_size must be an integer >= 1"),
+    ],
+)
+def test_invalid_patch_sizes_raise(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        UNet(**{**SMALL, "channel_mults": (1, 2, 2), "attention_resolutions": (), **overrides})
+
+
 def test_wrong_input_shape_raises() -> None:
     with pytest.raises(ValueError, match="expects input"):
         UNet(**SMALL)(torch.randn(2, 3, 8, 8), 0.5)

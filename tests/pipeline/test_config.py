@@ -141,6 +141,12 @@ BAD: list[tuple[str, Edit, str]] = [
         _set("model", "attention_resolutions", [3]),
         "model.attention_resolutions: 3 is not",
     ),
+    ("patch size", _set("model", "patch_size", 3), "model.patch_size: must divide the 8x8"),
+    (
+        "attention on the patch grid",
+        _set("model", "patch_size", 4),
+        "model.attention_resolutions: 4 is not a U-Net resolution [2, 1]",
+    ),
     (
         "class label",
         _method("x", {"sampler": "ddim", "steps": 5, "classes": [12]}),
