@@ -111,6 +111,22 @@ def test_training_is_reproducible(workspace: Path, tmp_path: Path) -> None:
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_a_patched_unet_trains_and_samples(workspace: Path, tmp_path: Path) -> None:
+    """``model.patch_size: 2`` reaches the network, its model file and the sampler."""
+    (tmp_path / "data").symlink_to(workspace / "data")
+    raw = tiny_raw()
+    raw["model"].update(patch_size=2, attention_resolutions=[2])  # 8x8 images: a 4x4 grid
+    params = validate_params(raw)
+    with contextlib.chdir(tmp_path):
+        train.run(params)
+        record = sample.run(params, "ddim5")
+    model = load_checkpoint(tmp_path / paths.MODEL)
+    assert model["model_config"]["patch_size"] == 2
+    assert model["ema"]["conv_in.weight"].shape[1] == 4  # 2 x 2 pixels of one channel
+    images = load_checkpoint(tmp_path / paths.samples_dir("ddim5") / "samples.pt")["images"]
+    assert record["nfe"] == 5 and images.shape == (20, 1, 8, 8)
+
+
 def test_image_i_does_not_depend_on_the_batch_size(workspace: Path) -> None:
     spec = {"sampler": "ddim", "steps": 3, "eta": 1.0}
     outputs = []
