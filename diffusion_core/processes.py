@@ -355,12 +355,28 @@ def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> T
     return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
 
 
+def shift_logsnr(betas: Tensor, shift: float, max_beta: float = 0.999) -> Tensor:
+    """The betas whose ``abar`` has ``log SNR = log(abar / (1 - abar))`` moved by ``shift`` at
+    every step: ``abar'_i = sigmoid(log SNR_i + shift)``, ``beta'_i = 1 - abar'_i / abar'_{i-1}``.
+
+    The shifted schedule of Hoogeboom et al. 2023 ("simple diffusion", Sec. 3.1), who move the
+    cosine schedule by ``2 log(64 / d)`` for d x d images: at a lower resolution the same noise
+    level destroys more of the image (fewer redundant pixels; Chen 2023, "On the importance of
+    noise scheduling"), so ``shift > 0`` (less noise at every step) suits images smaller than the
+    64 x 64 the cosine schedule was designed on, ``shift < 0`` larger ones."""
+    abar = torch.cumprod(1.0 - betas, 0)
+    shifted = torch.sigmoid(torch.logit(abar) + shift)
+    previous = torch.cat([torch.ones(1, dtype=shifted.dtype), shifted[:-1]])
+    return (1 - shifted / previous).clamp(min=0.0, max=max_beta)
+
+
 class DiscreteDDPM(NoiseProcess):
     """The DDPM forward process (Ho et al. 2020, eq. 4): ``q(x_i|x_0) = N(sqrt(abar_i) x_0, (1-abar_i) I)``.
 
     Step ``i in 1..N`` is time ``t_i = i/N``; between grid times ``log alpha`` is linear in t, so
     ``f(t) = N/2 log(1 - beta_i)`` and ``g(t)^2 = -2 f(t)`` on ``(t_{i-1}, t_i]``: the
-    discretisation of the VP-SDE with ``beta(t_i) ~= N beta_i``.
+    discretisation of the VP-SDE with ``beta(t_i) ~= N beta_i``. ``logsnr_shift`` moves the
+    schedule's ``log SNR`` by a constant at every step (:func:`shift_logsnr`).
     """
 
     name = "ddpm"
@@ -373,6 +389,7 @@ class DiscreteDDPM(NoiseProcess):
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         cosine_s: float = 0.008,
+        logsnr_shift: float = 0.0,
     ):
         if num_steps < 2:
             raise ValueError(f"num_steps must be >= 2, got {num_steps}")
@@ -386,6 +403,11 @@ class DiscreteDDPM(NoiseProcess):
             betas = cosine_betas(num_steps, cosine_s)
         else:
             raise ValueError(f"unknown beta schedule {schedule!r}: use 'linear' or 'cosine'")
+        if not math.isfinite(logsnr_shift):
+            raise ValueError(f"logsnr_shift must be finite, got {logsnr_shift}")
+        if logsnr_shift:
+            betas = shift_logsnr(betas, float(logsnr_shift))
+        self.logsnr_shift = float(logsnr_shift)
         self.num_steps, self.schedule = int(num_steps), schedule
         self.beta_start, self.beta_end, self.cosine_s = beta_start, beta_end, cosine_s
         self.betas = betas
@@ -482,7 +504,7 @@ class DiscreteDDPM(NoiseProcess):
     def describe(self) -> dict:
         return {"name": self.name, "num_steps": self.num_steps, "schedule": self.schedule,
                 "beta_start": self.beta_start, "beta_end": self.beta_end,
-                "cosine_s": self.cosine_s}
+                "cosine_s": self.cosine_s, "logsnr_shift": self.logsnr_shift}
 
 
 PROCESSES: dict[str, type[NoiseProcess]] = {

@@ -89,6 +89,7 @@ class ProcessParams(_Section):
     schedule: Literal["linear", "cosine"]
     beta_start: float = Field(gt=0.0, lt=1.0)
     beta_end: float = Field(gt=0.0, lt=1.0)
+    logsnr_shift: float = Field(default=0.0, ge=-20.0, le=20.0)
     beta_min: float = Field(gt=0.0)
     beta_max: float = Field(gt=0.0)
     sigma_min: float = Field(gt=0.0)
@@ -98,7 +99,7 @@ class ProcessParams(_Section):
     def factory_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``diffusion_core.processes.make_process`` for ``name``."""
         keys = {
-            "ddpm": ("num_steps", "schedule", "beta_start", "beta_end"),
+            "ddpm": ("num_steps", "schedule", "beta_start", "beta_end", "logsnr_shift"),
             "vp": ("beta_min", "beta_max", "t_min"),
             "subvp": ("beta_min", "beta_max", "t_min"),
             "ve": ("sigma_min", "sigma_max", "t_min"),

@@ -14,6 +14,7 @@ from diffusion_core.processes import (
     cosine_betas,
     linear_betas,
     make_process,
+    shift_logsnr,
 )
 
 ALL = [DiscreteDDPM(), VPSDE(), SubVPSDE(), VESDE()]
@@ -49,6 +50,31 @@ def test_ddpm_alpha_on_grid_is_cumulative_product(schedule):
     a_ts, var = p.transition(t - 1e-3, t)
     assert torch.allclose(var, p.betas[i - 1], rtol=1e-8)
     assert torch.allclose(a_ts**2, 1 - p.betas[i - 1], rtol=1e-10)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("shift", [-2.0, 1.65])
+def test_logsnr_shift_moves_log_snr_by_a_constant_at_every_step(schedule, shift):
+    base, moved = DiscreteDDPM(1000, schedule), DiscreteDDPM(1000, schedule, logsnr_shift=shift)
+    t = torch.arange(1, 1000, dtype=torch.float64) / 1000  # the clipped last step aside
+    log_snr = lambda p: 2 * (p.log_alpha(t) - torch.log(p.sigma(t)))  # noqa: E731
+    assert torch.allclose(log_snr(moved) - log_snr(base), torch.full_like(t, shift), atol=1e-6)
+    # the shifted cosine of Hoogeboom et al. 2023: alpha^2 = sigmoid(log SNR + shift)
+    if schedule == "cosine":
+        s, c = 0.008, math.cos(0.008 / 1.008 * math.pi / 2) ** 2
+        abar = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2 / c
+        expected = torch.sigmoid(torch.logit(abar) + shift)
+        assert torch.allclose(moved.alpha(t) ** 2, expected, rtol=1e-8)
+    assert moved.describe()["logsnr_shift"] == shift
+    assert make_process(**moved.describe()).describe() == moved.describe()
+
+
+def test_a_zero_logsnr_shift_is_the_schedule_itself():
+    betas = cosine_betas(1000)
+    assert torch.allclose(shift_logsnr(betas, 0.0), betas, rtol=1e-9, atol=1e-15)
+    assert torch.equal(DiscreteDDPM(1000, "cosine", logsnr_shift=0.0).betas, betas)
+    with pytest.raises(ValueError, match="logsnr_shift must be finite"):
+        DiscreteDDPM(1000, "cosine", logsnr_shift=float("inf"))
 
 
 def test_vp_closed_forms():

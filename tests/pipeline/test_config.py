@@ -127,6 +127,7 @@ BAD: list[tuple[str, Edit, str]] = [
         _set("sample", "nproc", 401),
         "sample.nproc: more processes than the sample.n_images=400 images (got 401)",
     ),
+    ("logsnr shift", _set("process", "logsnr_shift", 50), "process.logsnr_shift: Input should be"),
     ("loss weighting", _set("train", "loss_weighting", "p2"), "train.loss_weighting: Input should be"),
     ("t sampling", _set("train", "t_sampling", "beta"), "train.t_sampling: Input should be"),
     ("power ema std", _set("train", "ema_std", 0.5), "train.ema_std: Input should be less than"),
@@ -340,7 +341,7 @@ def test_process_factory_kwargs_pick_the_named_process() -> None:
     params = validate_params(edited(_set("process", "name", "ve")))
     assert params.process.factory_kwargs() == {"sigma_min": 0.01, "sigma_max": 50.0, "t_min": 1e-3}
     ddpm = validate_params(default_raw()).process.factory_kwargs()
-    assert set(ddpm) == {"num_steps", "schedule", "beta_start", "beta_end"}
+    assert set(ddpm) == {"num_steps", "schedule", "beta_start", "beta_end", "logsnr_shift"}
 
 
 def test_flatten() -> None:
