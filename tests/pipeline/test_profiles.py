@@ -67,6 +67,15 @@ def test_the_unconditional_mnist_profile_is_mnist_cpu_without_labels() -> None:
     assert uncond.train.guide_at > 0
 
 
+def test_the_fashion_mnist_profile_carries_the_mnist_recipe() -> None:
+    """Its header says so: process, model, train and methods are mnist-cpu's, only data differ."""
+    mnist, fashion = (merged_params(default_raw(), n)[1] for n in ("mnist-cpu", "fashion-mnist-cpu"))
+    assert fashion.data.dataset == "fashion_mnist" != mnist.data.dataset
+    assert (fashion.process, fashion.model, fashion.train, fashion.methods) == (
+        mnist.process, mnist.model, mnist.train, mnist.methods)
+    assert fashion.process.logsnr_shift == -2.0  # the shift chosen in round 7 on MNIST
+
+
 @pytest.mark.skipif(inception_weights_path().is_file(), reason="Inception weights are present")
 def test_gpu_profile_names_the_missing_inception_weights_before_training() -> None:
     params = merged_params(default_raw(), "cifar10-gpu")[1]
