@@ -1,6 +1,6 @@
 """Does ``torch.compile`` pay for training on the CPU? The MNIST profile's U-Net (issue #13).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/cpu_compile.py [--batch 32] [--steps 30]
+    PYTHONPATH=. .venv/bin/python benchmarks/cpu_compile.py [--batch 32] [--steps 30] [--eager-only]
 
 One process, one thread (a rank of the CPU profiles' 2-process DDP, which trains batch 64 as 32
 per rank): the U-Net of ``docs/profiles/mnist-uncond-cpu.yaml`` (base 16, mults [1, 2, 2],
@@ -8,8 +8,10 @@ attention at 7x7, v prediction, min-SNR loss, cosine schedule) on 28x28 inputs, 
 and without ``torch.compile`` (inductor, ``mode="default"``; ``reduce-overhead`` adds CUDA graphs
 only), in fp32 and under bf16 autocast. Reports the first step (compilation included) and the
 mean of ``--steps`` later steps; ``break-even`` is the number of steps after which the compiled
-run has caught up with eager (none when the compiled step is not faster). Run it on an idle
-machine.
+run has caught up with eager (none when the compiled step is not faster); ``bf16 / fp32`` is the
+eager bf16 step's speed against the eager fp32 one (above 1 only on a CPU with native bf16,
+which the first line reports: ``mixed_precision: auto`` picks bf16 there only). ``--eager-only``
+skips compilation. Run it on an idle machine.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from diffusion_core.losses import denoising_loss
 from diffusion_core.processes import make_process
+from diffusion_core.training import native_bf16
 from diffusion_core.unet import UNet
 
 
@@ -59,18 +62,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--eager-only", action="store_true", help="no torch.compile columns")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, 1 thread, batch {args.batch}, {args.steps} timed steps\n")
-    print("| precision | eager ms/step | compiled ms/step | speed-up | compile s (first step) "
-          "| break-even steps |\n|---|---|---|---|---|---|")
+    cpu = torch.device("cpu")
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"native bf16 {native_bf16(cpu)}, 1 thread, batch {args.batch}, "
+          f"{args.steps} timed steps\n")
+    print("| precision | eager ms/step | bf16 / fp32 | compiled ms/step | speed-up "
+          "| compile s (first step) | break-even steps |\n|---|---|---|---|---|---|---|")
+    fp32_ms = 0.0
     for bf16 in (False, True):
         e_first, eager = measure(False, bf16, args.batch, args.steps)
-        c_first, comp = measure(True, bf16, args.batch, args.steps)
-        gain = eager - comp
-        even = f"{(c_first - e_first) / gain:.0f}" if gain > 0 else "never"
-        print(f"| {'bf16' if bf16 else 'fp32'} | {eager * 1e3:.1f} | {comp * 1e3:.1f} | "
-              f"{eager / comp:.2f}x | {c_first:.0f} | {even} |", flush=True)
+        fp32_ms = fp32_ms or eager
+        ratio = f"{fp32_ms / eager:.2f}x" if bf16 else "-"
+        if args.eager_only:
+            compiled = "- | - | - | -"
+        else:
+            c_first, comp = measure(True, bf16, args.batch, args.steps)
+            gain = eager - comp
+            even = f"{(c_first - e_first) / gain:.0f}" if gain > 0 else "never"
+            compiled = f"{comp * 1e3:.1f} | {eager / comp:.2f}x | {c_first:.0f} | {even}"
+        print(f"| {'bf16' if bf16 else 'fp32'} | {eager * 1e3:.1f} | {ratio} | {compiled} |",
+              flush=True)
 
 
 if __name__ == "__main__":

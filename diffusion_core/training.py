@@ -85,6 +85,8 @@ __all__ = [
     "TrainResult",
     "derive_seed",
     "lr_at",
+    "native_bf16",
+    "resolve_precision",
     "train",
 ]
 
@@ -104,13 +106,14 @@ class TrainConfig:
     ``batch_size`` is the GLOBAL batch, split evenly across ranks. ``grad_clip = 0`` disables
     clipping. ``checkpoint_every = 0`` saves only at the end (and on interrupt).
     ``mixed_precision``: ``"fp32"`` (or ``"no"``), ``"bf16"`` (autocast on CUDA or the CPU:
-    1.5x the steps/s of the 28x28 U-Net on an AVX512-BF16 CPU) or ``"auto"`` (bf16 on CUDA
-    when supported, else fp32). ``lr_decay`` (``none``, ``linear``, ``cosine``): see
-    :func:`lr_at`. ``compile`` wraps the model in ``torch.compile(mode=compile_mode)``
-    (``"reduce-overhead"`` adds CUDA graphs); ``"auto"`` compiles on one CUDA device only (3x
-    the eager images/s of a small U-Net on an H200; on the CPU compilation costs minutes, and
-    under DDP it is not measured). ``channels_last`` stores weights and batches in NHWC order.
-    See ``benchmarks/results/throughput_cuda_*.md`` for the measurements.
+    1.5x the steps/s of the 28x28 U-Net on an AVX512-BF16 CPU, 0.15x on an AVX2-only one) or
+    ``"auto"`` (bf16 where the device computes it natively, else fp32: :func:`resolve_precision`).
+    ``lr_decay`` (``none``, ``linear``, ``cosine``): see :func:`lr_at`. ``compile`` wraps the
+    model in ``torch.compile(mode=compile_mode)`` (``"reduce-overhead"`` adds CUDA graphs);
+    ``"auto"`` compiles on one CUDA device only (3x the eager images/s of a small U-Net on an
+    H200; on the CPU compilation costs minutes, and under DDP it is not measured).
+    ``channels_last`` stores weights and batches in NHWC order. See
+    ``benchmarks/results/throughput_cuda_*.md`` for the measurements.
     ``loss_weighting`` (with ``min_snr_gamma``, ``sigma_data``) and ``t_sampling`` (with
     ``p_mean``, ``p_std``) go to :func:`~diffusion_core.losses.denoising_loss`; ``ema_std``
     (``None``: exponential EMA with ``ema_decay``) to :class:`~diffusion_core.ema.EMA`.
@@ -325,16 +328,41 @@ def use_compile(cfg: TrainConfig, device: torch.device, world_size: int) -> bool
     return bool(cfg.compile)
 
 
-def _autocast(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA device with bf16 support, or a CPU
+    that oneDNN runs bf16 kernels on (AVX512 with BF16/AMX; PyTorch's own check). On other CPUs
+    (AVX2 only, e.g. many AMD EPYC VMs) bf16 autocast is emulated and SLOWER than fp32: the
+    MNIST profile's U-Net took 2.68 s per step against 0.40 s in fp32 on an AVX2 EPYC
+    (``benchmarks/cpu_compile.py``, batch 32, one thread), where an AVX512-BF16 CPU gains 1.4x."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        try:
+            return bool(check()) if check is not None else False
+        except RuntimeError:  # a build without oneDNN
+            return False
+    return False
+
+
+def resolve_precision(mode: str, device: torch.device) -> str:
+    """``"bf16"`` or ``"fp32"``: what ``mixed_precision`` means on ``device``. ``"auto"`` is
+    bf16 where the device computes it natively (:func:`native_bf16`), else fp32; ``"no"`` is
+    fp32; an explicit ``"bf16"`` stays bf16 (autocast exists on CUDA and the CPU only)."""
     if mode == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        mode = "bf16" if bf16_ok else "no"
+        return "bf16" if native_bf16(device) else "fp32"
     if mode == "bf16":
         if device.type not in ("cuda", "cpu"):
             raise ValueError(
                 f"mixed_precision='bf16' needs CUDA or the CPU, the device is {device}; "
                 "use 'auto' or 'fp32'"
             )
+        return "bf16"
+    return "fp32"
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -494,7 +522,12 @@ def train(
                       and images.numel() * images.element_size() < DEVICE_DATA_BYTES)
     sampler = BatchSampler(images.shape[0], cfg.batch_size, cfg.seed, dist.rank, ws,
                            device=device if data_on_device else images.device)
-    autocast = _autocast(cfg.mixed_precision, device)
+    precision = resolve_precision(cfg.mixed_precision, device)
+    if precision == "bf16" and not native_bf16(device):
+        rank0_print(f"warning: mixed_precision='bf16' on a {device.type} without native bf16 "
+                    "(no AVX512-BF16/AMX): autocast is emulated and slower than fp32 (6.7x "
+                    "measured on an AVX2 CPU); use 'auto' or 'fp32'")
+    autocast = _autocast(precision, device)
     ckdir = Path(checkpoint_dir)
     model_path = Path(model_path) if model_path is not None else ckdir / "model.pt"
 

@@ -22,7 +22,7 @@ import torch
 
 from diffusion_core.distributed import DistInfo, broadcast_object, cleanup, setup_distributed
 from diffusion_core.processes import make_process
-from diffusion_core.training import TrainConfig, TrainResult, train
+from diffusion_core.training import TrainConfig, TrainResult, resolve_precision, train
 from diffusion_core.unet import UNet
 from pipeline import paths
 from pipeline.config import Params, ParamsError, flatten, params_hash, train_config_hash
@@ -169,8 +169,8 @@ def _open_tracker(params: Params, config_hash: str) -> Tracker | None:
     return tracker
 
 
-def _device_summary(dist: DistInfo) -> str:
-    return f"{dist.world_size} x {dist.device.type}"
+def _device_summary(dist: DistInfo, precision: str) -> str:
+    return f"{dist.world_size} x {dist.device.type}, {precision}"
 
 
 def run(params: Params) -> TrainResult:
@@ -203,9 +203,12 @@ def run(params: Params) -> TrainResult:
             _forget_other_runs(config_hash)
             log = LossLog(paths.CHECKPOINTS / f"loss-{config_hash}.csv")
             tracker = _open_tracker(params, config_hash)
+            precision = resolve_precision(cfg.mixed_precision, dist.device)
+            if tracker is not None:  # what `auto` became on this machine
+                tracker.set_tags({"train.precision": precision})
             print(
                 f"training {sum(p.numel() for p in net.parameters()):,} parameters on "
-                f"{images.shape[0]} images ({_device_summary(dist)}), config {config_hash}",
+                f"{images.shape[0]} images ({_device_summary(dist, precision)}), config {config_hash}",
                 flush=True,
             )
 

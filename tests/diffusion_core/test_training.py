@@ -14,10 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffusion_core import training
 from diffusion_core.checkpoint import list_checkpoints, load_checkpoint
 from diffusion_core.distributed import DistInfo
 from diffusion_core.processes import make_process
-from diffusion_core.training import BatchSampler, TrainConfig, lr_at, train
+from diffusion_core.training import (
+    BatchSampler,
+    TrainConfig,
+    lr_at,
+    native_bf16,
+    resolve_precision,
+    train,
+)
 from diffusion_core.unet import UNet
 
 _WORKER_PATH = Path(__file__).with_name("_ddp_worker.py")
@@ -107,6 +115,29 @@ def test_bf16_autocast_trains_on_the_cpu(tmp_path):
     bf16 = _run(tmp_path / "b", 3, cfg={"mixed_precision": "bf16"})
     assert math.isfinite(bf16.loss)
     assert bf16.loss == pytest.approx(fp32.loss, rel=0.1)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, native):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    assert native_bf16(cpu) is native
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    # explicit choices are kept whatever the CPU
+    assert resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("fp32", cpu) == resolve_precision("no", cpu) == "fp32"
+    with pytest.raises(ValueError, match="needs CUDA or the CPU"):
+        resolve_precision("bf16", torch.device("meta"))
+    assert resolve_precision("auto", torch.device("meta")) == "fp32"
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(training, "native_bf16", lambda device: False)
+    _run(tmp_path / "b", 1, cfg={"mixed_precision": "bf16"})
+    warned = [ln for ln in capsys.readouterr().out.splitlines() if "native bf16" in ln]
+    assert len(warned) == 1 and "use 'auto' or 'fp32'" in warned[0]
+    _run(tmp_path / "a", 1, cfg={"mixed_precision": "auto"})  # auto: fp32 here, no warning
+    assert "native bf16" not in capsys.readouterr().out
 
 
 def test_global_batch_is_the_same_for_any_world_size():
