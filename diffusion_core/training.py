@@ -106,7 +106,7 @@ class TrainConfig:
     ``batch_size`` is the GLOBAL batch, split evenly across ranks. ``grad_clip = 0`` disables
     clipping. ``checkpoint_every = 0`` saves only at the end (and on interrupt).
     ``mixed_precision``: ``"fp32"`` (or ``"no"``), ``"bf16"`` (autocast on CUDA or the CPU:
-    1.5x the steps/s of the 28x28 U-Net on an AVX512-BF16 CPU, 0.15x on an AVX2-only one) or
+    1.5x the steps/s of the 28x28 U-Net on an AVX512-BF16 CPU, 0.14x on an AVX2-only one) or
     ``"auto"`` (bf16 where the device computes it natively, else fp32: :func:`resolve_precision`).
     ``lr_decay`` (``none``, ``linear``, ``cosine``): see :func:`lr_at`. ``compile`` wraps the
     model in ``torch.compile(mode=compile_mode)`` (``"reduce-overhead"`` adds CUDA graphs);
@@ -330,9 +330,10 @@ def use_compile(cfg: TrainConfig, device: torch.device, world_size: int) -> bool
 
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 natively: a CUDA device with bf16 support, or a CPU
-    that oneDNN runs bf16 kernels on (AVX512 with BF16/AMX; PyTorch's own check). On other CPUs
+    that oneDNN has bf16 kernels for (PyTorch's own check: AVX512 cores, natively with
+    AVX512-BF16 or AMX). On other CPUs
     (AVX2 only, e.g. many AMD EPYC VMs) bf16 autocast is emulated and SLOWER than fp32: the
-    MNIST profile's U-Net took 2.68 s per step against 0.40 s in fp32 on an AVX2 EPYC
+    MNIST profile's U-Net took 2.84 s per step against 0.41 s in fp32 on an AVX2 EPYC
     (``benchmarks/cpu_compile.py``, batch 32, one thread), where an AVX512-BF16 CPU gains 1.4x."""
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -525,7 +526,7 @@ def train(
     precision = resolve_precision(cfg.mixed_precision, device)
     if precision == "bf16" and not native_bf16(device):
         rank0_print(f"warning: mixed_precision='bf16' on a {device.type} without native bf16 "
-                    "(no AVX512-BF16/AMX): autocast is emulated and slower than fp32 (6.7x "
+                    "(no AVX512-BF16/AMX): autocast is emulated and slower than fp32 (7x "
                     "measured on an AVX2 CPU); use 'auto' or 'fp32'")
     autocast = _autocast(precision, device)
     ckdir = Path(checkpoint_dir)

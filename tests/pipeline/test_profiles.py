@@ -52,7 +52,7 @@ def test_cpu_profiles_pass_the_check_stage(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["mnist-cpu", "mnist-uncond-cpu", "fashion-mnist-cpu"])
 def test_cpu_profiles_leave_bf16_to_cpus_that_compute_it(name: str) -> None:
-    """An explicit bf16 is emulated, and 6.7x slower than fp32, on an AVX2-only CPU: the CPU
+    """An explicit bf16 is emulated, and 7x slower than fp32, on an AVX2-only CPU: the CPU
     profiles say `auto` (bf16 only where it is native) so their step budget holds anywhere."""
     params = merged_params(default_raw(), name)[1]
     assert params.train.mixed_precision == "auto"
