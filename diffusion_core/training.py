@@ -329,20 +329,17 @@ def use_compile(cfg: TrainConfig, device: torch.device, world_size: int) -> bool
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively: a CUDA device with bf16 support, or a CPU
-    that oneDNN has bf16 kernels for (PyTorch's own check: AVX512 cores, natively with
-    AVX512-BF16 or AMX). On other CPUs
-    (AVX2 only, e.g. many AMD EPYC VMs) bf16 autocast is emulated and SLOWER than fp32: the
-    MNIST profile's U-Net took 2.84 s per step against 0.41 s in fp32 on an AVX2 EPYC
-    (``benchmarks/cpu_compile.py``, batch 32, one thread), where an AVX512-BF16 CPU gains 1.4x."""
+    """Whether ``device`` computes bf16 natively: a CUDA device with bf16 support, or a CPU with
+    AVX512-BF16 or AMX instructions (PyTorch's CPU feature checks). Elsewhere, e.g. on an
+    AVX2-only AMD EPYC, bf16 autocast is emulated and SLOWER than fp32: the MNIST profile's U-Net
+    took 2.84 s per step against 0.41 s in fp32 there (``benchmarks/cpu_compile.py``, batch 32,
+    one thread), where an AVX512-BF16 CPU gains 1.4x."""
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-        try:
-            return bool(check()) if check is not None else False
-        except RuntimeError:  # a build without oneDNN
-            return False
+        checks = (getattr(torch.cpu, name, None)
+                  for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return any(bool(check()) for check in checks if check is not None)
     return False
 
 
@@ -526,7 +523,7 @@ def train(
     precision = resolve_precision(cfg.mixed_precision, device)
     if precision == "bf16" and not native_bf16(device):
         rank0_print(f"warning: mixed_precision='bf16' on a {device.type} without native bf16 "
-                    "(no AVX512-BF16/AMX): autocast is emulated and slower than fp32 (7x "
+                    "(no AVX512-BF16 or AMX): autocast is emulated and slower than fp32 (7x "
                     "measured on an AVX2 CPU); use 'auto' or 'fp32'")
     autocast = _autocast(precision, device)
     ckdir = Path(checkpoint_dir)

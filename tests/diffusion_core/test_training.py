@@ -117,10 +117,11 @@ def test_bf16_autocast_trains_on_the_cpu(tmp_path):
     assert bf16.loss == pytest.approx(fp32.loss, rel=0.1)
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, native):
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+@pytest.mark.parametrize(("avx512_bf16", "amx"), [(True, False), (False, True), (False, False)])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, avx512_bf16, amx):
+    cpu, native = torch.device("cpu"), avx512_bf16 or amx
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert native_bf16(cpu) is native
     assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
     # explicit choices are kept whatever the CPU
