@@ -72,9 +72,15 @@ from threadpoolctl import ThreadpoolController
 
 __all__ = [
     "SCORES",
+    "COMPARE_BETTER",
+    "COMPARE_UNRESOLVED",
+    "COMPARE_WORSE",
+    "Difference",
     "Estimate",
     "FloorEstimate",
     "ReferenceStatistics",
+    "compare",
+    "fid_difference",
     "fid_interval",
     "floor_fid",
     "kid",
@@ -89,6 +95,11 @@ __all__ = [
     "standardise",
     "verdict",
     "indistinguishable_from",
+    "joint_fid_draws",
+    "joint_plan",
+    "JointPlan",
+    "paired_difference",
+    "weighted_moments",
 ]
 
 VERDICT_REAL = "indistinguishable from real data at this n"
@@ -170,30 +181,38 @@ class ReferenceStatistics:
         return out
 
     def fid_of_weights(self, features: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """FIDs of the multisets holding row ``i`` of ``features`` ``counts[b, i]`` times.
+        """FIDs of the multisets holding row ``i`` of ``features`` ``counts[b, i]`` times
+        (moments from :func:`weighted_moments`)."""
+        mus, covs = weighted_moments(features, counts)
+        return self.fid_batch(mus, covs)
 
-        Moments from one matrix product each: ``mu_b = c_b X / m``,
-        ``cov_b = (c_b (x x^T) - m mu_b mu_b^T) / (m - 1)`` (``m = sum c_b``), on features
-        centred first (a shift leaves the covariance unchanged), in chunks of rows.
-        """
-        features = _as_features(features, "features")
-        if counts.shape[1] != features.shape[0]:
-            raise ValueError(f"counts must be (B, {features.shape[0]}), got {counts.shape}")
-        centre = features.mean(axis=0)
-        x = features - centre
-        d = x.shape[1]
-        m = counts.sum(axis=1)
-        sums = counts @ x
-        second = np.zeros((counts.shape[0], d * d))
-        step = max(1, _CHUNK_ELEMENTS // (d * d))
-        for lo in range(0, x.shape[0], step):
-            chunk = x[lo : lo + step]
-            outer = (chunk[:, :, None] * chunk[:, None, :]).reshape(chunk.shape[0], d * d)
-            second += counts[:, lo : lo + step] @ outer
-        mus = sums / m[:, None]
-        covs = second.reshape(-1, d, d) - m[:, None, None] * mus[:, :, None] * mus[:, None, :]
-        covs /= (m - 1)[:, None, None]
-        return self.fid_batch(mus + centre, covs)
+
+def weighted_moments(features: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Means ``(B, D)`` and unbiased covariances ``(B, D, D)`` of the multisets holding row ``i``
+    of ``features`` ``counts[b, i]`` times.
+
+    One matrix product each: ``mu_b = c_b X / m``, ``cov_b = (c_b (x x^T) - m mu_b mu_b^T) /
+    (m - 1)`` (``m = sum c_b``), on features centred first (a shift leaves the covariance
+    unchanged), in chunks of rows.
+    """
+    features = _as_features(features, "features")
+    if counts.ndim != 2 or counts.shape[1] != features.shape[0]:
+        raise ValueError(f"counts must be (B, {features.shape[0]}), got {counts.shape}")
+    centre = features.mean(axis=0)
+    x = features - centre
+    d = x.shape[1]
+    m = counts.sum(axis=1)
+    sums = counts @ x
+    second = np.zeros((counts.shape[0], d * d))
+    step = max(1, _CHUNK_ELEMENTS // (d * d))
+    for lo in range(0, x.shape[0], step):
+        chunk = x[lo : lo + step]
+        outer = (chunk[:, :, None] * chunk[:, None, :]).reshape(chunk.shape[0], d * d)
+        second += counts[:, lo : lo + step] @ outer
+    mus = sums / m[:, None]
+    covs = second.reshape(-1, d, d) - m[:, None, None] * mus[:, :, None] * mus[:, None, :]
+    covs /= (m - 1)[:, None, None]
+    return mus + centre, covs
 
 
 def _as_features(x: np.ndarray, what: str) -> np.ndarray:
@@ -295,6 +314,121 @@ def floor_fid(
     spread = (at_n - at_n.mean()) + (at_size - at_size.mean())
     low, high = _pivot(value, spread, confidence)
     return FloorEstimate(value, max(low, 0.0), high, float(b))
+
+
+class JointPlan(NamedTuple):
+    """The draws of a joint bootstrap: ``samples (B, n)`` counts over the ``n`` shared seeds
+    (image ``i`` of every method is seed ``i``) and ``reference (B, |R|)`` counts over ``R``."""
+
+    samples: np.ndarray
+    reference: np.ndarray
+
+
+def joint_plan(n: int, n_reference: int, draws: int, seed: int) -> JointPlan:
+    """The joint bootstrap of ``n`` paired images and ``n_reference`` reference images: the
+    same ``draws`` resamples for every method scored with this seed, so draw ``b`` of two
+    methods resamples the same seeds and the same reference images."""
+    if n < 2 or n_reference < 2 or draws < 2:
+        raise ValueError(f"need n, n_reference, draws >= 2, got {n}, {n_reference}, {draws}")
+    rng = np.random.default_rng(seed)
+    samples = rng.multinomial(n, np.full(n, 1 / n), draws)
+    reference = rng.multinomial(n_reference, np.full(n_reference, 1 / n_reference), draws)
+    return JointPlan(samples, reference)
+
+
+def joint_fid_draws(features: np.ndarray, reference: np.ndarray, plan: JointPlan) -> np.ndarray:
+    """``FID(G*_b, R*_b)`` for each draw ``b`` of ``plan``: the generated set and the reference
+    both resampled (``(B,)``). Methods scored with one plan can be differenced draw by draw
+    (:func:`paired_difference`)."""
+    features, reference = _as_features(features, "features"), _as_features(reference, "reference")
+    if plan.samples.shape[1] != features.shape[0]:
+        raise ValueError(f"the plan draws {plan.samples.shape[1]} images, got "
+                         f"{features.shape[0]}: paired sets need the same seeds")
+    if plan.reference.shape[1] != reference.shape[0]:
+        raise ValueError(f"the plan draws {plan.reference.shape[1]} reference images, got "
+                         f"{reference.shape[0]}")
+    d = features.shape[1]
+    out = np.empty(plan.samples.shape[0])
+    chunk = max(1, _CHUNK_ELEMENTS // (d * d))
+    for lo in range(0, out.shape[0], chunk):
+        mus, covs = weighted_moments(features, plan.samples[lo : lo + chunk])
+        ref_mus, ref_covs = weighted_moments(reference, plan.reference[lo : lo + chunk])
+        with _one_blas_thread():
+            evals, evecs = np.linalg.eigh(ref_covs)
+            roots = (evecs * np.sqrt(np.clip(evals, 0.0, None))[:, None, :]) @ np.swapaxes(
+                evecs, -1, -2)
+            inner = roots @ covs @ roots
+            inner = 0.5 * (inner + np.swapaxes(inner, -1, -2))
+            eigenvalues = np.linalg.eigvalsh(inner)
+        root_trace = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum(-1)
+        out[lo : lo + chunk] = (((mus - ref_mus) ** 2).sum(-1) + np.trace(covs, axis1=-2, axis2=-1)
+                                + np.trace(ref_covs, axis1=-2, axis2=-1) - 2.0 * root_trace)
+    return out
+
+
+class Difference(NamedTuple):
+    """``a - b`` with its interval, and ``shared``: the share of the unpaired variance
+    ``var(a*) + var(b*)`` that pairing cancels, ``1 - var(a* - b*) / (var(a*) + var(b*))``."""
+
+    value: float
+    low: float
+    high: float
+    shared: float
+
+
+COMPARE_BETTER = "better"
+COMPARE_WORSE = "worse"
+COMPARE_UNRESOLVED = "not resolved"
+
+
+def paired_difference(
+    value_a: float, value_b: float, draws_a: np.ndarray, draws_b: np.ndarray,
+    confidence: float = 0.95,
+) -> Difference:
+    """``FID_a - FID_b`` with a pivotal interval from the draw-by-draw differences of a joint
+    bootstrap (:func:`joint_fid_draws` of both sets under one :func:`joint_plan`): noise the two
+    share (the same seeds, the same reference) cancels in ``d_b = FID*_a,b - FID*_b,b``, so the
+    interval is narrower than two marginal ones overlapping would need."""
+    draws_a, draws_b = np.asarray(draws_a, dtype=np.float64), np.asarray(draws_b, np.float64)
+    if draws_a.shape != draws_b.shape or draws_a.ndim != 1 or draws_a.shape[0] < 2:
+        raise ValueError(f"need two equal runs of >= 2 draws, got {draws_a.shape}, "
+                         f"{draws_b.shape}")
+    value = float(value_a - value_b)
+    low, high = _pivot(value, draws_a - draws_b, confidence)
+    unpaired = draws_a.var() + draws_b.var()
+    shared = 1.0 - float((draws_a - draws_b).var() / unpaired) if unpaired > 0 else 0.0
+    return Difference(value, low, high, shared)
+
+
+def compare(difference: Difference) -> str:
+    """``worse`` (``a`` has the higher FID: the interval is above 0), ``better`` (below 0) or
+    ``not resolved`` (the interval holds 0)."""
+    if difference.low > 0:
+        return COMPARE_WORSE
+    if difference.high < 0:
+        return COMPARE_BETTER
+    return COMPARE_UNRESOLVED
+
+
+def fid_difference(
+    a: np.ndarray,
+    b: np.ndarray,
+    reference: np.ndarray,
+    *,
+    draws: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Difference:
+    """``FID(a, R) - FID(b, R)`` of two paired feature sets (row ``i`` of both from the same
+    seed, or the same image before and after a change) with its joint-bootstrap interval."""
+    a, b = _as_features(a, "a"), _as_features(b, "b")
+    reference = _as_features(reference, "reference")
+    if a.shape != b.shape:
+        raise ValueError(f"paired sets must have the same shape, got {a.shape} and {b.shape}")
+    stats = ReferenceStatistics(reference)
+    plan = joint_plan(a.shape[0], reference.shape[0], draws, seed)
+    return paired_difference(stats.fid(a), stats.fid(b), joint_fid_draws(a, reference, plan),
+                             joint_fid_draws(b, reference, plan), confidence)
 
 
 def standardise(features: np.ndarray, reference: np.ndarray) -> np.ndarray:

@@ -14,11 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion_core.data import load_dataset, train_test_split
+from diffusion_core.data import from_levels, load_dataset, to_levels, train_test_split
 from diffusion_core.evaluation import (
+    COMPARE_UNRESOLVED,
+    COMPARE_WORSE,
     VERDICT_REAL,
     VERDICT_WORSE,
     ReferenceStatistics,
+    compare,
+    fid_difference,
     fid_interval,
     floor_fid,
     prdc,
@@ -39,7 +43,7 @@ class Setup:
         self.extractor = CleanFIDFeatureExtractor(clf)
         r_idx, f_idx = reference_split(held_y.numpy(), seed=0)
         self.ref_x, self.floor_x = held_x[r_idx], held_x[f_idx]
-        self.floor_y = held_y[f_idx]
+        self.ref_y, self.floor_y = held_y[r_idx], held_y[f_idx]
         self.ref_f = self.features(self.ref_x)
         self.ref = ReferenceStatistics(self.ref_f)
 
@@ -120,3 +124,86 @@ def test_fresh_held_out_images_land_inside_the_floor_interval(setup: Setup) -> N
     assert fresh_fid.low <= floor.high and floor.low <= fresh_fid.high
     worse = setup.fid(noisy(fresh, 0.5))
     assert worse > floor.high
+
+
+# -- paired differences: power and false positives at the pipeline's default sizes ----------------
+PIPELINE_N = 400  # sample.n_images of params.yaml
+PIPELINE_REFERENCE = 225  # |R| of the default digits split (test_fraction 0.25, halved)
+GREY = 2.0 / 16  # one step between the digits' 17 grey levels, in [-1, 1]
+
+
+class Paired:
+    """The held-out half (not seen by the classifier) split again: a reference of the
+    pipeline's size, and a pool of real images for clean sets of the default n."""
+
+    def __init__(self, setup: Setup) -> None:
+        images = torch.cat([setup.ref_x, setup.floor_x])
+        labels = torch.cat([setup.ref_y, setup.floor_y])
+        perm = torch.from_numpy(np.random.default_rng(0).permutation(images.shape[0]))
+        self.setup = setup
+        self.ref_f = setup.features(images[perm[:PIPELINE_REFERENCE]])
+        self.pool_x, self.pool_y = images[perm[PIPELINE_REFERENCE:]], labels[perm[PIPELINE_REFERENCE:]]
+        self.clean, self.clean_y = self.pool_x[:PIPELINE_N], self.pool_y[:PIPELINE_N]
+        self.clean_f = setup.features(self.clean)
+
+    def against_clean(self, degraded: torch.Tensor) -> str:
+        """The verdict on ``degraded`` (image ``i`` made from clean image ``i``) against clean."""
+        d = fid_difference(self.setup.features(degraded), self.clean_f, self.ref_f, seed=0)
+        return compare(d)
+
+
+@pytest.fixture(scope="module")
+def paired(setup: Setup) -> Paired:
+    return Paired(setup)
+
+
+def snap(images: torch.Tensor) -> torch.Tensor:
+    """To the digits' 17 grey levels, as the pipeline stores samples."""
+    return from_levels(to_levels(images.clamp(-1, 1), 17), 17)
+
+
+@pytest.mark.parametrize("noise_seed", [1, 2, 3])
+def test_paired_difference_resolves_gaussian_noise_of_four_grey_levels(
+    paired: Paired, noise_seed: int
+) -> None:
+    """Noise of standard deviation 4 grey levels (a quarter of the range), snapped to the
+    levels. Measured power with this extractor: 1 and 2 levels 0 of 3 noise draws, 3 levels
+    2 of 3, 4 levels 3 of 3 (ΔFID 40-45, intervals from 13-21 up)."""
+    noise = torch.randn(paired.clean.shape, generator=torch.Generator().manual_seed(noise_seed))
+    assert paired.against_clean(snap(paired.clean + 4 * GREY * noise)) == COMPARE_WORSE
+
+
+def test_paired_difference_resolves_a_one_pixel_blur(paired: Paired) -> None:
+    taps = torch.tensor([0.25, 0.5, 0.25])
+    kernel = (taps[:, None] * taps[None, :])[None, None]
+    blurred = F.conv2d(F.pad(paired.clean, (1, 1, 1, 1), mode="replicate"), kernel)
+    assert paired.against_clean(snap(blurred)) == COMPARE_WORSE
+
+
+def test_paired_difference_resolves_one_class_dropped(paired: Paired) -> None:
+    """The same images, except each 0 is replaced by an image of another class from the pool."""
+    dropped = paired.clean.clone()
+    zeros = torch.nonzero(paired.clean_y == 0).flatten()
+    rest = paired.pool_x[PIPELINE_N:][paired.pool_y[PIPELINE_N:] != 0]
+    assert rest.shape[0] >= zeros.shape[0] > 0
+    dropped[zeros] = rest[: zeros.shape[0]]
+    assert paired.against_clean(dropped) == COMPARE_WORSE
+
+
+def test_disjoint_real_halves_are_not_resolved(paired: Paired) -> None:
+    """Two disjoint sets of real images, 20 random splits: a false positive is a verdict other
+    than "not resolved" (measured: 0 of 20; the nominal rate is 5 %, one in 20)."""
+    half = paired.pool_x.shape[0] // 2
+    verdicts = []
+    for split in range(20):
+        perm = torch.from_numpy(np.random.default_rng(100 + split).permutation(2 * half))
+        a = paired.setup.features(paired.pool_x[perm[:half]])
+        b = paired.setup.features(paired.pool_x[perm[half:]])
+        verdicts.append(compare(fid_difference(a, b, paired.ref_f, seed=split)))
+    assert verdicts.count(COMPARE_UNRESOLVED) >= 19, verdicts
+
+
+def test_a_set_against_itself_differs_by_exactly_zero(paired: Paired) -> None:
+    d = fid_difference(paired.clean_f, paired.clean_f, paired.ref_f, seed=0)
+    assert (d.value, d.low, d.high) == (0.0, 0.0, 0.0)
+    assert compare(d) == COMPARE_UNRESOLVED
