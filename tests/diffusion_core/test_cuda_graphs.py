@@ -6,9 +6,12 @@ checks run them on a lent machine) and are skipped otherwise.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from diffusion_core.checkpoint import checkpoint_name, load_checkpoint
 from diffusion_core.cuda_graphs import CUDAGraphNet
 from diffusion_core.denoiser import Denoiser
 from diffusion_core.guidance import ClassifierFreeGuidance
@@ -104,7 +107,15 @@ def test_gpu_training_checks_losses_at_logs_and_names_the_bad_step(tmp_path):
                       log_every=3, seed=0, mixed_precision="no", channels_last=True)
     result = train(_net(), make_process("ddpm", num_steps=100), images, None, cfg,
                    checkpoint_dir=tmp_path / "ok", config_hash="h", progress=False)
-    assert result is not None
+    assert (result.step, result.interrupted, result.resumed) == (6, False, False)
+    assert math.isfinite(result.loss) and 0 < result.loss < 10
+    assert result.checkpoint == tmp_path / "ok" / checkpoint_name(6)
+    assert result.checkpoint.is_file()
+    assert result.model_path is not None and result.model_path.is_file()
+    saved = load_checkpoint(result.model_path)
+    assert saved["step"] == 6
+    before = _net().state_dict()  # the same seeded initialisation: the steps moved the weights
+    assert any(not torch.equal(saved["model"][k].cpu(), v) for k, v in before.items())
     bad = images.clone()
     bad[:] = float("nan")
     with pytest.raises(FloatingPointError, match="at step 1;"):

@@ -110,9 +110,24 @@ def test_lr_decays_to_zero_after_the_warmup():
         TrainConfig(lr_decay="step")
 
 
+def _conv_output_dtypes(net: torch.nn.Module) -> set:
+    """Register hooks that collect the dtypes of every convolution's output in ``net``."""
+    seen: set = set()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, args, out: seen.add(out.dtype))
+    return seen
+
+
 def test_bf16_autocast_trains_on_the_cpu(tmp_path):
-    fp32 = _run(tmp_path / "a", 3)
-    bf16 = _run(tmp_path / "b", 3, cfg={"mixed_precision": "bf16"})
+    # the convolutions compute in bf16 under bf16 and in fp32 otherwise: a bf16 mode that
+    # silently runs fp32 (no autocast) fails here, whatever the losses
+    net32, net16 = worker.unet(), worker.unet()
+    dtypes32, dtypes16 = _conv_output_dtypes(net32), _conv_output_dtypes(net16)
+    fp32 = _run(tmp_path / "a", 3, net=net32)
+    bf16 = _run(tmp_path / "b", 3, net=net16, cfg={"mixed_precision": "bf16"})
+    assert dtypes32 == {torch.float32}
+    assert dtypes16 == {torch.bfloat16}, f"bf16 mode computed convolutions in {dtypes16}"
     assert math.isfinite(bf16.loss)
     assert bf16.loss == pytest.approx(fp32.loss, rel=0.1)
 

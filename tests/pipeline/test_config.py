@@ -51,8 +51,23 @@ def test_n_images_is_not_capped_by_the_test_split() -> None:
     assert params.sample.n_images == 5000 > held_out_size(DATASETS["digits"], 0.25)
 
 
-def test_tiny_params_validate() -> None:
-    validate_params(tiny_raw())
+def test_tiny_params_validate_and_keep_every_value() -> None:
+    raw = tiny_raw()
+    dumped = validate_params(raw).model_dump(mode="json")
+
+    def same(given: Any, kept: Any, where: str) -> None:
+        if isinstance(given, dict):
+            for key, value in given.items():
+                assert key in kept, f"{where}{key} dropped"
+                same(value, kept[key], f"{where}{key}.")
+        else:  # numbers compare by value: 1 == 1.0
+            assert kept == given, f"{where[:-1]}: {given!r} became {kept!r}"
+
+    same(raw, dumped, "")
+    # the sizes that let every stage run in seconds reached the validated params
+    params = validate_params(raw)
+    assert (params.train.steps, params.process.num_steps, params.sample.n_images) == (6, 100, 20)
+    assert params.model.base_channels == 8 and list(params.methods) == ["ddim5"]
 
 
 def test_training_options_default_to_ho_et_al_and_reach_the_library() -> None:
