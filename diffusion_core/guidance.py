@@ -93,3 +93,23 @@ class AutoGuidance:
         eps = (1.0 + self.w) * out.eps - self.w * weak.eps
         alpha, sigma, _ = process_coeffs(self.process, t, x)
         return DenoiserOutput(eps, x0_from_eps(x, eps, alpha, sigma))
+
+
+def network_evaluations(denoiser: DenoiserLike, labelled: bool) -> int:
+    """Network evaluations per image in one call of ``denoiser`` (a plain denoiser or a stack
+    of wrappers), so that a sampler's count of denoiser calls becomes an honest NFE.
+
+    Classifier-free guidance with ``w > 0`` and labels runs the conditional and the null-label
+    pass as one batch of twice the images: 2 evaluations per image, as the literature counts
+    them. Autoguidance runs the model and its guide: the sum of both. Wrappers that only
+    transform the output (:class:`~diffusion_core.denoiser.ClipX0`) add none. So an autoguided
+    sampler of N calls costs 2N, a guided one 2N, both together 4N.
+    """
+    if isinstance(denoiser, ClassifierFreeGuidance):
+        inner = network_evaluations(denoiser.denoiser, labelled)
+        return inner * (2 if labelled and denoiser.w > 0 else 1)
+    if isinstance(denoiser, AutoGuidance):
+        inner = network_evaluations(denoiser.denoiser, labelled)
+        return inner + (network_evaluations(denoiser.guide, labelled) if denoiser.w > 0 else 0)
+    wrapped = getattr(denoiser, "denoiser", None)
+    return network_evaluations(wrapped, labelled) if wrapped is not None else 1

@@ -221,6 +221,7 @@ def run(o: GenerateOptions) -> dict[str, Any]:
 def _generate(o: GenerateOptions, settings: dict[str, Any], checkpoint: Path, dist: Any,
               device: torch.device) -> dict[str, Any]:
     from diffusion_core.distributed import barrier
+    from diffusion_core.guidance import network_evaluations
     from diffusion_core.samplers import compatible
     from pipeline.files import file_digest, write_bytes, write_json
     from pipeline.sample import _png, grid_png, guided_denoiser, load_model
@@ -267,7 +268,7 @@ def _generate(o: GenerateOptions, settings: dict[str, Any], checkpoint: Path, di
     )
     wall_s = time.perf_counter() - start
     drawn = gather(mine, o.n)  # rank 0 writes the npz and the grid
-    nfe = float(drawn.nfe.double().mean())
+    nfe = float(drawn.nfe.double().mean()) * network_evaluations(guided, labels is not None)
     record: dict[str, Any] = {}
     if rank == 0:
         everything = np.ascontiguousarray(drawn.images.permute(0, 2, 3, 1).numpy())  # N, H, W, C
@@ -291,7 +292,7 @@ def _generate(o: GenerateOptions, settings: dict[str, Any], checkpoint: Path, di
         }
         write_json(o.out / "generate.json", record)
         print(f"generate: {o.n} images in {o.out} ({wall_s:.1f} s, {world} process(es), "
-              f"{nfe:.0f} denoiser evaluations per image)", flush=True)
+              f"{nfe:.0f} network evaluations per image)", flush=True)
     barrier()
     return record
 

@@ -14,7 +14,10 @@ Under ``torchrun`` (``sample.nproc`` processes in ``dvc.yaml``) rank ``r`` of ``
 samples and the grid are those of one process, bit for bit.
 
 Writes ``runs/samples/M/samples.pt`` (uint8 images, labels, seeds), ``reports/grids/M.png`` and
-``metrics/sample/M.json``. A sampler that does not fit the trained process is not an error: the
+``metrics/sample/M.json``: ``nfe`` counts network evaluations per image (the sampler's denoiser
+calls times :func:`~diffusion_core.guidance.network_evaluations`: 2 for classifier-free guidance,
+whose batch is doubled, and for autoguidance, which runs two networks), ``denoiser_calls`` the
+sampler's steps. A sampler that does not fit the trained process is not an error: the
 metrics record says ``status: skipped`` with the reason, and the grid shows it.
 """
 
@@ -33,7 +36,7 @@ from diffusion_core.checkpoint import load_checkpoint, require_keys, save_atomic
 from diffusion_core.cuda_graphs import CUDAGraphNet
 from diffusion_core.denoiser import Denoiser
 from diffusion_core.distributed import DistInfo, barrier, cleanup, setup_distributed
-from diffusion_core.guidance import AutoGuidance, ClassifierFreeGuidance
+from diffusion_core.guidance import AutoGuidance, ClassifierFreeGuidance, network_evaluations
 from diffusion_core.processes import NoiseProcess, make_process
 from diffusion_core.samplers import compatible
 from diffusion_core.unet import UNet
@@ -185,7 +188,9 @@ def _sample(params: Params, method: str, m: Method, dist: DistInfo) -> dict[str,
                 device=device, desc=method, **kwargs)
     wall_s = time.perf_counter() - start
     drawn = gather(mine, n)
-    record = {"status": "ok", "nfe": float(drawn.nfe.double().mean()), "n_images": n}
+    calls = float(drawn.nfe.double().mean())
+    per_call = network_evaluations(guided, labelled=labels is not None)
+    record = {"status": "ok", "nfe": calls * per_call, "denoiser_calls": calls, "n_images": n}
     if dist.is_main:
         _write(params, method, m, drawn.images, labels, seeds, record, model_file)
         images_per_s = n / wall_s if wall_s > 0 else None

@@ -332,3 +332,42 @@ def test_autoguidance_checks_its_inputs():
         AutoGuidance(good, good, -0.5)
     with pytest.raises(ValueError, match="same noise process"):
         AutoGuidance(good, GaussianMixtureDenoiser(MEANS, STD, DiscreteDDPM(100)), 1.0)
+
+
+class ImageCountingNet(TinyConditionalNet):
+    """Counts the images each forward pass evaluates."""
+
+    def __init__(self):
+        super().__init__()
+        self.images = 0
+
+    def forward(self, x, t, labels=None):
+        self.images += x.shape[0]
+        return super().forward(x, t, labels)
+
+
+@pytest.mark.parametrize(
+    ("guidance", "autoguidance", "labelled", "per_call"),
+    [(0.0, 0.0, True, 1), (2.0, 0.0, True, 2), (2.0, 0.0, False, 1), (0.0, 1.0, True, 2),
+     (0.0, 1.0, False, 2), (2.0, 1.0, True, 4), (0.0, 0.0, False, 1)],
+)
+def test_network_evaluations_count_every_image_through_every_network(
+    guidance, autoguidance, labelled, per_call
+):
+    """The NFE the pipeline reports: the images the networks actually evaluate, per image."""
+    from diffusion_core.guidance import network_evaluations
+
+    torch.manual_seed(0)
+    p = DiscreteDDPM(100)
+    good, weak = ImageCountingNet(), ImageCountingNet()
+    den = Denoiser(good, p, "eps")
+    if autoguidance:
+        den = AutoGuidance(den, Denoiser(weak, p, "eps"), autoguidance)
+    if guidance:
+        den = ClassifierFreeGuidance(den, guidance)
+    den = ClipX0(den)
+    assert network_evaluations(den, labelled) == per_call
+    labels = torch.tensor([0, 1, 2, 0]) if labelled else None
+    result = generate(den, p, "ddim", shape=(1, 4, 4), seeds=range(4), labels=labels, steps=5)
+    counted = (good.images + weak.images) / 4
+    assert counted == result.nfe * per_call == 5 * per_call
