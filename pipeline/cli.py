@@ -172,6 +172,23 @@ def report(params: ParamsOption = DEFAULT_PARAMS) -> None:
     _run(run, params)
 
 
+@app.command("readme-table")
+def readme_table(
+    params: ParamsOption = DEFAULT_PARAMS,
+    readme: Annotated[Path, typer.Option("--readme", help="The file with the results block.")]
+    = Path("README.md"),
+) -> None:
+    """Write the results table of metrics/summary.json into README.md (between its markers), so
+    the README states what the pipeline measured, never a hand-copied number."""
+    from pipeline.report import write_readme_table
+
+    def run(_: Params) -> None:
+        changed = write_readme_table(readme)
+        print(f"{readme}: results table {'updated' if changed else 'already up to date'}")
+
+    _run(run, params)
+
+
 @app.command()
 def pictures(params: ParamsOption = DEFAULT_PARAMS) -> None:
     """Pictures of the process in reports/process: the forward noising, each method's reverse
@@ -189,8 +206,9 @@ def track(
         typer.Option("--sync", help="Only tag finished DVC experiments' runs with their commits."),
     ] = False,
 ) -> None:
-    """Log this pipeline run to MLflow: one run with all params, every method's metrics, grids,
-    reports and a link to the model's training run (the last DVC stage)."""
+    """Log this evaluated state to MLflow (the last DVC stage): a pipeline run with all params,
+    grids, reports and a link to the model's training run, and one nested run per method with
+    its settings and scores. A state the store already holds is not logged again."""
     from pipeline.track import run
     from pipeline.track import sync as sync_run
 

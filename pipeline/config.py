@@ -304,6 +304,14 @@ class EvaluateParams(_Section):
         description="a sample is unclear when the evaluation classifier's top probability is "
                     "below this",
     )
+    baseline: MethodName | None = Field(
+        None, description="the method every other one is compared with (paired FID "
+                          "difference); null = the first method",
+    )
+
+    def baseline_of(self, methods: dict[str, Any]) -> str:
+        """The baseline method's name: ``baseline``, else the first of ``methods``."""
+        return self.baseline if self.baseline is not None else next(iter(methods))
 
 
 class TrackingParams(_Section):
@@ -448,6 +456,11 @@ def _cross_field_errors(p: Params) -> list[str]:
         errors.append(
             "evaluate.bpd_images: bits/dim are computed for ode_rk45 methods (their rtol/atol "
             f"set the ODE solver) and there is none (got {p.evaluate.bpd_images})"
+        )
+    if p.evaluate.baseline is not None and p.evaluate.baseline not in p.methods:
+        errors.append(
+            f"evaluate.baseline: must name a method (have: {', '.join(p.methods)}) "
+            f"(got {p.evaluate.baseline!r})"
         )
     errors += _method_errors(p)
     if info is not None:

@@ -24,6 +24,9 @@ features computed in batches of ``evaluate.batch_size``, and scored against R:
 * ``class_accuracy``: for samples drawn with class labels (a conditional model, not an
   ``unconditional`` method), the fraction the evaluation classifier assigns to the class they
   were asked for.
+* ``fid_joint_draws``: the FIDs of a joint bootstrap shared by every method (the same resampled
+  seeds and reference images in draw ``b``; :func:`joint_draws`), from which the report takes
+  each method's paired difference to ``evaluate.baseline`` and to every other method.
 * ``bpd``: for ``ode_rk45`` methods when ``evaluate.bpd_images > 0``, the negative
   log-likelihood in bits/dim of that many test images under the probability-flow ODE with the
   method's tolerances (Song et al. 2021, Sec. 4.3), unconditional (null label), dequantised in
@@ -52,6 +55,8 @@ from diffusion_core.data import from_levels, from_uint8, to_levels
 from diffusion_core.distributed import default_device
 from diffusion_core.evaluation import (
     SCORES,
+    joint_fid_draws,
+    joint_plan,
     memorisation,
     proportion_interval,
     score_features,
@@ -78,6 +83,10 @@ from pipeline.sample import load_model
 #: ``dvc metrics show`` / ``dvc exp show`` fit a terminal; everything is in ``reports/eval/M.json``
 HEADLINE = ("nfe", "fid", "fid_ci_low", "fid_ci_high", "fid_floor", "precision", "recall",
             "unclear_fraction", "class_accuracy", "bpd")
+
+
+#: the joint bootstrap's seed is ``seed`` + this (the FID interval uses ``seed``, the floor + 1)
+JOINT_SEED_OFFSET = 2
 
 
 def headline(record: dict[str, Any]) -> dict[str, Any]:
@@ -160,6 +169,19 @@ def _ode_progress(bar: Progress, done: int, batch: int,
     return callback
 
 
+def joint_draws(params: Params, sample_f: np.ndarray, ref_f: np.ndarray) -> dict[str, Any]:
+    """``fid_joint_draws``: the FIDs of the joint bootstrap (``diffusion_core.evaluation.
+    joint_plan``) that every method of this params file shares: draw ``b`` resamples the same
+    seeds and the same reference images for every method, so the report differences any two
+    methods draw by draw. ``joint_plan`` names the plan, so that only like draws are paired."""
+    ev = params.evaluate
+    plan = {"seed": params.seed + JOINT_SEED_OFFSET, "n": int(sample_f.shape[0]),
+            "n_reference": int(ref_f.shape[0]), "draws": ev.bootstrap}
+    draws = joint_fid_draws(sample_f, ref_f, joint_plan(plan["n"], plan["n_reference"],
+                                                         plan["draws"], plan["seed"]))
+    return {"joint_plan": plan, "fid_joint_draws": [float(f"{v:.7g}") for v in draws]}
+
+
 def _skipped(params: Params, method: str, sample_record: dict[str, Any]) -> dict[str, Any]:
     record = {"status": "skipped", "reason": sample_record.get("reason", "sampling was skipped")}
     write_json(paths.eval_record(method), record)
@@ -237,6 +259,7 @@ def run(params: Params, method: str) -> dict[str, Any]:
             )
         )
         bar.update(1, done="near_copies")
+    joint = joint_draws(params, sample_f, ref_f)
     metrics.update(_bits_per_dim(params, method, device))
     metrics.update(_unclear(params, clf, images,
                             test_x[floor_idx][: int(metrics["fid_matched_n"])], device))
@@ -258,6 +281,7 @@ def run(params: Params, method: str) -> dict[str, Any]:
         "n_images": n,
         "n_reference": int(ref_f.shape[0]),
         "n_floor": int(floor_f.shape[0]),
+        **joint,
     }
     write_json(paths.eval_record(method), record)
     write_json(paths.eval_metrics(method), headline(record))

@@ -24,6 +24,7 @@ LOSS_CSV = TRAIN_DIR / "loss.csv"
 TRAIN_METRICS = Path("metrics/train.json")
 
 SUMMARY = Path("metrics/summary.json")
+COMPARE = Path("metrics/compare.json")
 SUMMARY_MD = Path("reports/summary.md")
 FID_VS_NFE = Path("reports/fid_vs_nfe.csv")
 FID_VS_NFE_PNG = Path("reports/fid_vs_nfe.png")

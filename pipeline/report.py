@@ -12,11 +12,15 @@ and MLflow:
   the *guidance families*: every method with ``guidance > 0`` and each conditional method that
   differs from it only in ``guidance`` (``w = 0`` included), scored with class accuracy.
 
-The table shows each method's FID with its interval, the floor at the same n with its interval,
-KID x1000 +- std, precision/recall, density/coverage, the near-copy fraction, the unclear share
-(against real images') and the verdict, and
-states which methods are not resolved apart (overlapping FID intervals,
-``diffusion_core.evaluation.indistinguishable_from``).
+The table shows each method's FID with its interval, its paired FID difference to
+``evaluate.baseline`` with its interval and verdict (better / worse / not resolved), the floor at
+the same n with its interval, KID x1000 +- std, precision/recall, density/coverage, the
+near-copy fraction, the unclear share (against real images') and the verdict against real data;
+then the paired verdict of every pair of methods. Paired differences come from the joint
+bootstrap draws of the evaluate records (``fid_joint_draws``: the same resampled seeds and
+reference images in every method's draw ``b``), by
+``diffusion_core.evaluation.paired_difference``; ``metrics/compare.json`` (a DVC metric) holds
+each method's difference to the baseline.
 
 The track stage attaches the CSVs and PNGs to the MLflow run and logs ``guidance_fid`` and
 ``guidance_class_accuracy`` at ``step = round(100 w)`` so the UI charts the trade-off curve.
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusion_core.evaluation import indistinguishable_from
+from diffusion_core.evaluation import COMPARE_UNRESOLVED, compare, paired_difference
 from pipeline import paths
 from pipeline.config import Params
 from pipeline.errors import StageError
@@ -74,6 +78,8 @@ COLUMNS = (
     ("guidance", "guidance"),
     ("nfe", "NFE"),
     ("fid", "FID [CI]"),
+    ("fid_diff", "ΔFID vs baseline [CI]"),
+    ("vs_baseline", "vs baseline"),
     ("fid_matched", "FID at m"),
     ("fid_floor", "floor at m [CI]"),
     ("kid_x1000", "KID x1000"),
@@ -207,7 +213,7 @@ def _cell(r: dict[str, Any], key: str) -> str:
     if key == "guidance" and r.get("autoguidance"):
         auto = f"auto {r['autoguidance']:g}"
         return f"{r['guidance']:g} + {auto}" if r.get("guidance") else auto
-    if key in ("fid", "fid_floor"):
+    if key in ("fid", "fid_floor", "fid_diff"):
         return _interval(r, key)
     if key == "fid_matched":
         if r.get(key) is None:
@@ -230,37 +236,96 @@ def _cell(r: dict[str, Any], key: str) -> str:
     return _num(value) if isinstance(value, float) else ("-" if value is None else str(value))
 
 
-def indistinguishable_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per evaluated method naming the methods its FID interval overlaps."""
-    ok = [r for r in rows if r["status"] == "ok" and r.get("fid_ci_low") is not None]
-    ties = indistinguishable_from({r["method"]: (r["fid_ci_low"], r["fid_ci_high"]) for r in ok})
-    lines = []
-    for name, others in ties.items():
-        tied = ", ".join(f"`{o}`" for o in others) if others else "none: resolved from all others"
-        lines.append(f"- `{name}`: not resolved from {tied}")
+def _joint(record: dict[str, Any]) -> tuple[Any, list[float]] | None:
+    draws = record.get("fid_joint_draws")
+    if record.get("status") != "ok" or not draws or record.get("fid") is None:
+        return None
+    return repr(sorted(record.get("joint_plan", {}).items())), draws
+
+
+def paired_comparisons(params: Params, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Paired FID differences from the evaluate records' joint bootstrap draws.
+
+    ``vs_baseline[m]``: ``fid_diff`` = FID(m) - FID(baseline) with ``fid_diff_ci_low``/``_high``
+    (level ``evaluate.confidence``), ``fid_diff_shared`` (the share of the unpaired variance that
+    pairing cancels) and ``vs_baseline`` (better / worse / not resolved / baseline);
+    ``pairs[a][b]``: the verdict on ``a`` against ``b``. Methods whose draws came from another
+    plan (another n, seed or reference) or that were skipped are left out.
+    """
+    baseline = params.evaluate.baseline_of(params.methods)
+    level = params.evaluate.confidence
+    joint = {name: j for name, rec in records.items() if (j := _joint(rec)) is not None}
+
+    def diff(a: str, b: str) -> Any:
+        if a not in joint or b not in joint or joint[a][0] != joint[b][0]:
+            return None
+        return paired_difference(records[a]["fid"], records[b]["fid"], joint[a][1], joint[b][1],
+                                 level)
+
+    vs_baseline: dict[str, dict[str, Any]] = {}
+    for name in records:
+        d = diff(name, baseline)
+        if d is None:
+            continue
+        vs_baseline[name] = {
+            "fid_diff": d.value, "fid_diff_ci_low": d.low, "fid_diff_ci_high": d.high,
+            "fid_diff_shared": d.shared,
+            "vs_baseline": "baseline" if name == baseline else compare(d),
+        }
+    pairs = {a: {b: compare(d) for b in joint if b != a and (d := diff(a, b)) is not None}
+             for a in joint}
+    return {"baseline": baseline, "confidence": level, "vs_baseline": vs_baseline,
+            "pairs": pairs}
+
+
+PAIR_MARKS = {"better": "<", "worse": ">", COMPARE_UNRESOLVED: "·"}
+
+
+def pairs_table(pairs: dict[str, dict[str, str]]) -> list[str]:
+    """The paired verdicts as a square table: row ``a``, column ``b``: ``<`` (``a`` has the lower
+    FID, resolved), ``>`` (higher, resolved) or ``·`` (not resolved)."""
+    names = list(pairs)
+    if len(names) < 2:
+        return []
+    lines = ["| | " + " | ".join(f"`{b}`" for b in names) + " |",
+             "|---|" + "|".join("---" for _ in names) + "|"]
+    for a in names:
+        cells = ["" if a == b else PAIR_MARKS[pairs[a].get(b, COMPARE_UNRESOLVED)] for b in names]
+        lines.append(f"| `{a}` | " + " | ".join(cells) + " |")
     return lines
 
 
-def markdown(rows: list[dict[str, Any]], extractor: str) -> str:
-    """A markdown table of ``rows`` with the ties between methods and the metric definitions."""
-    head = "| " + " | ".join(title for _, title in COLUMNS) + " |"
+def markdown(rows: list[dict[str, Any]], extractor: str,
+             comparisons: dict[str, Any] | None = None) -> str:
+    """A markdown table of ``rows``, the paired verdicts between methods and the metric
+    definitions."""
+    comparisons = comparisons or {"baseline": None, "pairs": {}}
+    baseline = comparisons["baseline"]
+    titles = {"fid_diff": f"ΔFID vs {baseline} [CI]", "vs_baseline": f"vs {baseline}"}
+    head = "| " + " | ".join(titles.get(key, title) for key, title in COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
     body = ["| " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
     ok = [r for r in rows if r["status"] == "ok"]
     level = f"{100 * ok[0]['confidence']:.0f} %" if ok and ok[0].get("confidence") else "95 %"
     n = ok[0].get("n_images") if ok else None
-    ties = indistinguishable_lines(rows)
+    matrix = pairs_table(comparisons["pairs"])
     notes = [
         "",
-        f"Statistically indistinguishable methods at n = {n} (overlapping {level} FID "
-        "intervals; overlap does not prove equality):"
-        if ties
+        f"Paired verdicts at n = {n}: row against column, `<` lower FID (better), `>` higher "
+        f"(worse), `·` not resolved; from the {level} interval of the paired FID difference "
+        "(a joint bootstrap of the shared seeds and the reference)."
+        if matrix
         else "",
-        *ties,
+        "",
+        *matrix,
         "",
         f"FID, KID, P/R and D/C use the `{extractor}` feature extractor against the reference",
         "half R of the held-out images (seen by neither the model nor the extractor); FID [CI] at",
-        "n compares methods. The floor is what m = min(n, |F|) real images of the other half F",
+        f"n, for R as drawn. ΔFID: FID minus the baseline's ({baseline}), with the interval of",
+        "a joint bootstrap that resamples the seeds both methods share and the reference once",
+        "for both; its verdict says better or worse only where that interval excludes 0.",
+        "NFE: network evaluations per image (classifier-free guidance and autoguidance: 2 per",
+        "denoiser call). The floor is what m = min(n, |F|) real images of the other half F",
         "score against R; its interval is where such an FID lands. Verdict: the FID of m",
         "samples (FID at m) inside the floor's interval = indistinguishable from real data at",
         "this n. KID on standardised features;",
@@ -277,6 +342,54 @@ def markdown(rows: list[dict[str, Any]], extractor: str) -> str:
         ]
     skipped = [f"- `{r['method']}` skipped: {r['reason']}" for r in rows if r["status"] != "ok"]
     return "\n".join(["# Sampling methods", "", head, rule, *body, *notes, *skipped]) + "\n"
+
+
+README_START = "<!-- results table: generated by `diffusion readme-table` from metrics/summary.json -->"
+README_END = "<!-- end of results table -->"
+_VERDICT_WORDS = {"indistinguishable from real data at this n": "real-like",
+                  "worse than floor": "worse than real", "below floor (check near copies)":
+                  "below real"}
+
+
+def readme_table(summary: dict[str, Any]) -> str:
+    """The results table of the README, from ``metrics/summary.json``: per method its sampler,
+    NFE, FID with its interval, the paired difference to the baseline with its interval and
+    verdict, class accuracy and the verdict against real data."""
+    baseline = summary.get("baseline")
+    rows = list(summary["methods"].values())
+    n = next((r["n_images"] for r in rows if r.get("n_images")), None)
+    lines = [
+        f"| method | sampler | steps | guidance | NFE | FID [95 % CI] (n = {n}) | "
+        f"ΔFID vs `{baseline}` [95 % CI] | vs `{baseline}` | class acc. | against real data |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| `{r['method']}` | {r['sampler']} | skipped: {r['reason']} "
+                         "| | | | | | | |")
+            continue
+        accuracy = "-" if r.get("class_accuracy") is None else f"{100 * r['class_accuracy']:.1f} %"
+        cells = [f"`{r['method']}`", r["sampler"], _cell(r, "steps"), _cell(r, "guidance"),
+                 _num(r.get("nfe")), _interval(r, "fid"), _interval(r, "fid_diff"),
+                 r.get("vs_baseline") or "-", accuracy,
+                 _VERDICT_WORDS.get(r.get("verdict"), str(r.get("verdict")))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme_table(readme: Any, summary_path: Any = paths.SUMMARY) -> bool:
+    """Replace the block between :data:`README_START` and :data:`README_END` of ``readme`` with
+    :func:`readme_table` of ``summary_path``; returns whether the file changed."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise StageError(f"{readme}: no results block (the lines {README_START!r} and "
+                         f"{README_END!r})")
+    head, _, rest = text.partition(README_START)
+    _, _, tail = rest.partition(README_END)
+    new = f"{head}{README_START}\n{readme_table(_read(summary_path, 'report'))}{README_END}{tail}"
+    if new != text:
+        write_text(readme, new)
+    return new != text
 
 
 def fid_vs_nfe_csv(rows: list[dict[str, Any]]) -> str:
@@ -305,12 +418,18 @@ def run(params: Params) -> dict[str, Any]:
     """Summarise every method; returns the summary record."""
     prune_removed_methods(params)
     rows = [method_row(params, name) for name in params.methods]
+    records = {name: read_json(paths.eval_record(name)) for name in params.methods}
+    comparisons = paired_comparisons(params, records)
+    for row in rows:
+        row.update(comparisons["vs_baseline"].get(row["method"], {}))
     families = guidance_families(params, rows)
     tradeoff = guidance_rows(families)
     family_of = {r["method"]: first for first, members in families.items() for r in members}
     summary = {
         "extractor": params.evaluate.extractor,
+        "baseline": comparisons["baseline"],
         "methods": {r["method"]: r for r in rows},
+        "pairs": comparisons["pairs"],
         "guidance_tradeoff": [
             {**{k: r[k] for k in GUIDANCE_COLUMNS}, "family": family_of[r["method"]]}
             for r in tradeoff
@@ -327,11 +446,15 @@ def run(params: Params) -> dict[str, Any]:
     ]
     labelled = {_family_label(params, k): members for k, members in families.items() if members}
     write_json(paths.SUMMARY, summary)
+    write_json(paths.COMPARE, {
+        name: {k: v for k, v in values.items() if k != "fid_diff_shared"}
+        for name, values in comparisons["vs_baseline"].items()})
     write_provenance("report", params)
-    write_text(paths.SUMMARY_MD, markdown(rows, params.evaluate.extractor))
+    text = markdown(rows, params.evaluate.extractor, comparisons)
+    write_text(paths.SUMMARY_MD, text)
     write_text(paths.FID_VS_NFE, fid_vs_nfe_csv(unguided))
     write_text(paths.GUIDANCE_TRADEOFF, guidance_tradeoff_csv(tradeoff))
     write_bytes(paths.FID_VS_NFE_PNG, fid_vs_nfe_png(unguided, floor, n))
     write_bytes(paths.GUIDANCE_TRADEOFF_PNG, guidance_tradeoff_png(labelled, floor, n))
-    print(markdown(rows, params.evaluate.extractor), end="")
+    print(text, end="")
     return summary

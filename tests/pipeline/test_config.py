@@ -83,6 +83,14 @@ def test_training_options_default_to_ho_et_al_and_reach_the_library() -> None:
     assert (cfg.t_sampling, cfg.p_mean, cfg.p_std, cfg.ema_std) == ("log_normal", -1.0, 1.5, 0.1)
 
 
+def test_the_baseline_is_the_ddpm_method_or_the_first() -> None:
+    params = validate_params(default_raw())
+    assert params.evaluate.baseline == "ddpm"
+    assert params.evaluate.baseline_of(params.methods) == "ddpm"
+    first = validate_params(edited(lambda r: r["evaluate"].update(baseline=None)))
+    assert first.evaluate.baseline_of(first.methods) == next(iter(first.methods))
+
+
 def test_numbers_written_as_strings_are_accepted() -> None:
     """`dvc exp run -S train.lr=1e-05` can leave a YAML-1.1 string behind."""
     params = validate_params(edited(lambda r: r["train"].update(lr="1e-05", steps="10")))
@@ -119,6 +127,8 @@ BAD: list[tuple[str, Edit, str]] = [
     ("old spacing name", _method("x", {"sampler": "ddim", "steps": 5, "spacing": "uniform"}),
      "methods.x.spacing: Input should be 'linspace'"),
     ("no sampler", _method("x", {"steps": 5}), "methods.x.sampler: Field required"),
+    ("baseline not a method", _set("evaluate", "baseline", "ddim10"),
+     "evaluate.baseline: must name a method (have: ddpm, ddim50,"),
     ("bad method name", _method("Big One", {"sampler": "ddim", "steps": 5}), "methods.Big One"),
     (
         "setting of another sampler",

@@ -134,16 +134,19 @@ def test_stage_outputs_match_paths_module(stages: dict[str, Any]) -> None:
         "evaluate": {paths.eval_metrics(key), paths.eval_record(key)},
         "report": {
             paths.SUMMARY,
+            paths.COMPARE,
             paths.SUMMARY_MD,
             paths.FID_VS_NFE,
             paths.FID_VS_NFE_PNG,
             paths.GUIDANCE_TRADEOFF,
             paths.GUIDANCE_TRADEOFF_PNG,
         },
-        "track": set(),  # no outputs: DVC runs it exactly when an upstream stage changed
+        "track": set(),  # no outputs: it logs to MLflow, on every repro (always_changed)
     }
     for stage, files in expected.items():
         assert outs(stages[stage]) == {p.as_posix() for p in files}, stage
+    assert stages["track"].get("always_changed") is True
+    assert not any(body.get("always_changed") for name, body in stages.items() if name != "track")
 
 
 def test_per_method_stages_track_only_their_method(stages: dict[str, Any]) -> None:

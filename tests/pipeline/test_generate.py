@@ -55,7 +55,7 @@ def test_files_names_labels_and_npz(model: Path, tmp_path: Path) -> None:
         assert (first == z["images"][0, :, :, 0]).all()
     assert Image.open(out / "grid.png").size[0] > 32
     record = json.loads((out / "generate.json").read_text())
-    assert record["options"]["guidance"] == 2.0 and record["nfe_per_image"] == 4
+    assert record["options"]["guidance"] == 2.0 and record["nfe_per_image"] == 8  # 4 guided steps, 2 each
 
 
 def test_same_images_for_any_batch_size_and_unconditional_names(model: Path,

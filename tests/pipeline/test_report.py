@@ -8,13 +8,14 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from _pipeline_helpers import tiny_raw
 from PIL import Image
 
 from pipeline import paths, report
 from pipeline.config import Params, validate_params
-from pipeline.files import write_json
+from pipeline.files import read_json, write_json
 
 FLOOR = 2.0
 # name: (method spec, FID, class accuracy or None); the sample records give NFE = steps.
@@ -33,6 +34,16 @@ def params_of(methods: dict[str, tuple[dict[str, Any], float, float | None]]) ->
     raw = tiny_raw()
     raw["methods"] = {name: spec for name, (spec, _, _) in methods.items()}
     return validate_params(raw)
+
+
+#: the joint plan every record shares; its draws are FID + a shared offset + a small own noise
+PLAN = {"seed": 2, "n": 400, "n_reference": 225, "draws": 200}
+SHARED = np.random.default_rng(0).normal(0.0, 3.0, PLAN["draws"])
+
+
+def joint_draws(name: str, fid: float) -> list[float]:
+    own = np.random.default_rng(sum(map(ord, name))).normal(0.0, 0.5, PLAN["draws"])
+    return (fid + SHARED + own).tolist()
 
 
 def write_records(methods: dict[str, tuple[dict[str, Any], float, float | None]]) -> None:
@@ -67,6 +78,8 @@ def write_records(methods: dict[str, tuple[dict[str, Any], float, float | None]]
             "unclear_fraction_floor": 0.04,
             "confidence": 0.95,
             "n_images": 400,
+            "joint_plan": PLAN,
+            "fid_joint_draws": joint_draws(name, fid),
         }
         if accuracy is not None:
             scored["class_accuracy"] = accuracy
@@ -123,19 +136,46 @@ def test_report_writes_the_tradeoff_csv_and_figures(workdir: Path) -> None:
         assert width > 300 and height > 200
 
 
-def test_table_shows_intervals_verdicts_and_ties(workdir: Path) -> None:
-    """Every FID +- 1.5: intervals that touch (7 and 10) count as overlapping; 30 stands alone."""
+def test_table_shows_intervals_and_paired_verdicts(workdir: Path) -> None:
+    """FIDs 7 to 30, each +- 1.5 on its own, and joint draws whose shared offset cancels in a
+    difference (the own noise left: sd 0.7): 1 apart is not resolved, 2 apart is."""
     write_records(METHODS)
     report.run(params_of(METHODS))
     table = (workdir / paths.SUMMARY_MD).read_text()
-    assert "| 10 [8.5, 11.5] | 10 (m = 400) | 2 [1, 3] | 100 +- 1 | 0.90 / 0.50 |" in table
-    assert "worse than floor" in table and "n = 400 (overlapping 95 % FID intervals" in table
-    assert "- `b4`: not resolved from none: resolved from all others\n" in table
-    assert "- `a`: not resolved from `b1`, `eta`, `ddpm`, `u`, `e`\n" in table
-    assert "- `e`: not resolved from `a`, `ddpm`, `u`\n" in table
+    assert "| 10 [8.5, 11.5] | " in table and " | 10 (m = 400) | 2 [1, 3] | 100 +- 1 |" in table
+    assert "ΔFID vs a [CI] | vs a |" in table  # the baseline: the first method by default
+    assert "worse than floor" in table and "Paired verdicts at n = 400" in table
+    summary = read_json(workdir / paths.SUMMARY)
+    rows, pairs = summary["methods"], summary["pairs"]
+    assert rows["a"]["vs_baseline"] == "baseline" and rows["a"]["fid_diff"] == 0.0
+    assert rows["b1"]["vs_baseline"] == "worse" and rows["b1"]["fid_diff"] == 2.0
+    assert rows["b1"]["fid_diff_ci_low"] > 0 and rows["b1"]["fid_diff_ci_high"] < 4.0
+    assert rows["b1"]["fid_diff_shared"] > 0.9  # most of the noise is shared
+    assert rows["eta"]["vs_baseline"] == "not resolved"  # 11 vs 10
+    assert rows["ddpm"]["vs_baseline"] == "not resolved"  # 9 vs 10
+    assert rows["e"]["vs_baseline"] == "better"  # 7 vs 10
+    assert pairs["b4"]["a"] == "worse" and pairs["a"]["b4"] == "better"
+    assert pairs["u"]["ddpm"] == "not resolved"  # 8 vs 9
+    assert "| `a` |  | < | < | · | · | > | > |" in table  # row a against every column
+    compare = read_json(workdir / paths.COMPARE)
+    assert compare["b1"]["vs_baseline"] == "worse" and set(compare) == set(METHODS)
     csv = (workdir / paths.FID_VS_NFE).read_text().splitlines()
     assert csv[0].startswith("method,sampler,nfe,fid,fid_ci_low,fid_ci_high,fid_matched,")
     assert csv[1] == "a,ddim,5,10,8.5,11.5,10,400,2,1,3,worse than floor,classifier"
+
+
+def test_the_configured_baseline_and_draws_of_another_plan(workdir: Path) -> None:
+    write_records(METHODS)
+    other = read_json(paths.eval_record("eta"))
+    write_json(paths.eval_record("eta"), {**other, "joint_plan": {**PLAN, "n": 300}})
+    raw = params_of(METHODS).model_dump(mode="json")
+    raw["evaluate"]["baseline"] = "ddpm"
+    report.run(validate_params(raw))
+    rows = read_json(workdir / paths.SUMMARY)["methods"]
+    assert rows["ddpm"]["vs_baseline"] == "baseline"
+    assert rows["a"]["vs_baseline"] == "not resolved" and rows["b1"]["vs_baseline"] == "worse"
+    assert "fid_diff" not in rows["eta"]  # not paired with draws of another plan
+    assert "ΔFID vs ddpm [CI]" in (workdir / paths.SUMMARY_MD).read_text()
 
 
 def test_report_without_guidance_methods_writes_empty_tradeoff(workdir: Path) -> None:
