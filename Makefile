@@ -38,7 +38,8 @@ test: $(STAMP)
 
 # The MLflow UI opens on the runs table of the first experiment with this URL.
 ui: $(STAMP)
-	@echo "runs table: http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+	@echo "runs table:   http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+	@echo "methods view: http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=methods"
 	$(BIN)/mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
 
 browser-check: $(STAMP)

@@ -6,15 +6,19 @@
   under ``tracking.model_name``. The run is tagged with the model file's SHA-256.
 * The last stage, **track**, creates the *pipeline run* (tag ``run.kind=pipeline``) of a
   ``dvc repro`` or DVC experiment: named after the experiment (``$DVC_EXP_NAME``) or, for a plain
-  ``dvc repro``, ``repro-<commit>``; all validated params; every method's metrics
-  (``fid/<method>``, ``nfe/<method>``, ...); ``train/loss``; the grids, report figures and
-  metrics files as artifacts. It links to the training run of its model through the tag
-  ``train.run_id`` (found by the model's SHA-256). A store that has no run with that model (a
-  clone whose train stage came from the DVC cache) gets the model logged and registered by the
-  pipeline run itself, so every store can load the model it evaluated.
+  ``dvc repro``, ``repro-<commit>``; all validated params; ``fid/<method>`` and
+  ``fid_diff/<method>``; ``train/loss``; the grids, report figures and metrics files as
+  artifacts; and under it one nested *method run* per method (``run.kind=method``) with the
+  method's settings as params and its scores as metrics (:mod:`pipeline.track`). It links to
+  the training run of its model through the tag ``train.run_id`` (found by the model's
+  SHA-256). A store that has no run with that model (a clone whose train stage came from the
+  DVC cache) gets the model logged and registered by the pipeline run itself, so every store
+  can load the model it evaluated.
 
-The track stage has no outputs, so DVC runs it exactly when something upstream changed: an
-unchanged ``dvc repro`` logs nothing, ``dvc repro -f`` and every DVC experiment log a new run.
+The track stage is ``always_changed``: DVC runs it on every ``dvc repro`` and ``dvc exp run``,
+also when nothing upstream re-ran (a fresh clone whose outputs match ``dvc.lock``). It logs a
+state once: the pipeline run carries the tag ``pipeline.state`` (a digest of the params and the
+evaluated files), and a state the store already holds is not logged again.
 
 The store is resolved at run time: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<root>/mlflow.db``
 with artifacts in ``<root>/mlartifacts``, where ``<root>`` is ``$DVC_ROOT`` (the main repository,
@@ -143,6 +147,15 @@ class Tracker:
         except Exception:  # noqa: BLE001 - another store, or a deleted run: start a new one
             return None
 
+    def child(self, run_name: str, tags: dict[str, str]) -> Tracker | None:
+        """A new run in this run's experiment and store (``tags`` should name the parent as
+        ``mlflow.parentRunId`` to nest it); None when tracking is off."""
+        run = self._call("run creation", self.client.create_run, self.experiment_id,
+                         run_name=run_name, tags={k: str(v) for k, v in tags.items()
+                                                  if v is not None})
+        return None if run is None else Tracker(self.client, run.info.run_id,
+                                                self.experiment_id, self.uri)
+
     def write_link(self, link_file: Path) -> None:
         """Remember the run (id only: the store is resolved again at run time)."""
         write_json(link_file, {"run_id": self.run_id, "experiment_id": self.experiment_id})
@@ -268,6 +281,23 @@ def open_store(experiment: str = DEFAULT_EXPERIMENT) -> tuple[Any, str, str] | N
     except Exception as exc:  # noqa: BLE001 - tracking must never fail a stage
         _warn("opening the store", exc)
         return None
+
+
+def find_state_run(client: Any, experiment_id: str, uri: str, key: str) -> Any | None:
+    """The newest finished pipeline run tagged ``pipeline.state = key``, or None (also when
+    the search fails: then the state is logged again rather than lost)."""
+    try:
+        with store_lock(uri):
+            runs = client.search_runs(
+                [experiment_id],
+                filter_string=(f"tags.`pipeline.state` = '{key}' and tags.`run.kind` = 'pipeline'"
+                               " and attributes.status = 'FINISHED'"),
+                order_by=["attributes.start_time DESC"], max_results=1,
+            )
+    except Exception as exc:  # noqa: BLE001
+        _warn("searching runs", exc)
+        return None
+    return runs[0] if runs else None
 
 
 def _experiment_id(client: Any, uri: str, name: str) -> str:

@@ -4,8 +4,10 @@
   (``.dvc/plots/offline.html``); every data chart must draw (a vega ``<canvas class="marks">``)
   with no network, and every image plot must be there.
 * A loopback ``mlflow server`` on the repository's store: the experiment's runs table lists the
-  pipeline runs, a run page shows the FID metric, and the compare view of the runs shows the
-  swept parameter and FID side by side.
+  pipeline runs (the newest with its method runs nested under it), the saved methods view
+  (``viewStateShareKey=methods``) lists every method run with its FID, interval and paired
+  difference to the baseline, a method run's page shows its scores, and the compare view of the
+  pipeline runs shows the swept parameter and each run's ``fid/<method>`` side by side.
 
 Usage (in a repository where ``dvc repro`` ran; ``--screenshots`` also saves PNGs)::
 
@@ -32,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+VIEW_SIZE = (2400, 820)  # wide enough for every column of the methods view
 
 
 def chromium() -> str | None:
@@ -49,9 +52,9 @@ def _browser(url: str, *args: str, size: tuple[int, int] = (1600, 1000)) -> str:
     return proc.stdout
 
 
-def dump_dom(url: str) -> str:
-    """The page's DOM after its scripts ran."""
-    return _browser(url, "--dump-dom")
+def dump_dom(url: str, size: tuple[int, int] = (1600, 1000)) -> str:
+    """The page's DOM after its scripts ran (a wide ``size`` renders more table columns)."""
+    return _browser(url, "--dump-dom", size=size)
 
 
 def screenshot(url: str, path: Path, size: tuple[int, int] = (1600, 1000)) -> Path:
@@ -126,8 +129,11 @@ def rest(base: str, endpoint: str, body: dict) -> dict:
 
 
 def check_mlflow(base: str, experiment: str = "diffusion", swept: str | None = None,
-                 screenshots: Path | None = None) -> dict[str, object]:
-    """Assert the runs table, a run's metrics and the compare view of the pipeline runs."""
+                 screenshots: Path | None = None, methods: int | None = None,
+                 compare_metric: str | None = None) -> dict[str, object]:
+    """Assert the runs table, the methods view, a method run's page and the compare view of the
+    pipeline runs; ``methods``: how many method runs the newest pipeline run must have;
+    ``compare_metric``: a metric (``fid/ddim50``) the compare view must show."""
     with urllib.request.urlopen(
         f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment}", timeout=30
     ) as response:
@@ -141,17 +147,35 @@ def check_mlflow(base: str, experiment: str = "diffusion", swept: str | None = N
     })["runs"]
     assert runs, "no pipeline runs in the store"
     names = [r["info"]["run_name"] for r in runs]
+    newest = runs[0]["info"]["run_id"]
+    children = rest(base, "runs/search", {
+        "experiment_ids": [exp_id], "filter": f"tags.`mlflow.parentRunId` = '{newest}'",
+        "max_results": 1000,
+    }).get("runs", [])
+    method_names = sorted(r["info"]["run_name"] for r in children)
+    assert children, "the newest pipeline run has no method runs"
+    if methods is not None:
+        assert len(children) == methods, f"{len(children)} method runs, expected {methods}"
 
     table_url = f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
     table = dump_dom(table_url)
     missing = [n for n in names if n not in table]
     assert not missing, f"the runs table does not list {missing}"
+    shown = re.search(r"(\d+)(?:</strong>)?\s*matching runs", table)
+    assert shown, "the runs table shows no run count"
 
-    newest = runs[0]["info"]["run_id"]
-    run_url = f"{base}/#/experiments/{exp_id}/runs/{newest}"
-    run_page = dump_dom(run_url)
-    fid_keys = sorted(set(re.findall(r"\bfid[a-z_]*/[a-z0-9_-]+", run_page)))
-    assert fid_keys, "the run page shows no FID metric"
+    view_url = f"{table_url}&viewStateShareKey=methods"
+    view = dump_dom(view_url, size=VIEW_SIZE)
+    absent = [m for m in method_names if f">{m}<" not in view]
+    assert not absent, f"the methods view does not list {absent}"
+    for column in ("fid_ci_low", "fid_diff", "fid_diff_ci_high", "nfe"):
+        assert f">{column}<" in view, f"the methods view has no {column} column"
+    assert names[0] not in view, "the methods view lists the pipeline run itself"
+
+    child = children[0]["info"]["run_id"]
+    run_page = dump_dom(f"{base}/#/experiments/{exp_id}/runs/{child}")
+    fid_keys = sorted(set(re.findall(r">(fid[a-z_]*)<", run_page)))
+    assert {"fid", "fid_diff"} <= set(fid_keys), f"a method run's page shows {fid_keys}"
 
     ids = json.dumps([r["info"]["run_id"] for r in runs[:6]], separators=(",", ":"))
     compare_url = f"{base}/#/compare-runs?runs={ids}&experiments=[\"{exp_id}\"]"
@@ -159,10 +183,14 @@ def check_mlflow(base: str, experiment: str = "diffusion", swept: str | None = N
     assert all(n in compare for n in names[:6]), "the compare view misses runs"
     if swept:
         assert swept in compare, f"the compare view does not show {swept}"
+    if compare_metric:
+        assert compare_metric in compare, f"the compare view does not show {compare_metric}"
     if screenshots is not None:
         screenshot(table_url, screenshots / "mlflow_runs.png")
+        screenshot(view_url, screenshots / "mlflow_methods.png", size=VIEW_SIZE)
         screenshot(compare_url, screenshots / "mlflow_compare.png", size=(1600, 1400))
-    return {"runs": names, "fid_metrics_on_run_page": fid_keys}
+    return {"runs": names, "methods": method_names, "fid_metrics_on_run_page": fid_keys,
+            "run_count_shown": int(shown.group(1))}
 
 
 def main() -> None:
@@ -170,6 +198,10 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, default=Path("."))
     parser.add_argument("--charts", type=int, default=3, help="vega charts the page must draw")
     parser.add_argument("--swept", default=None, help="a param the compare view must show")
+    parser.add_argument("--methods", type=int, default=None,
+                        help="method runs the newest pipeline run must have")
+    parser.add_argument("--compare-metric", default=None,
+                        help="a metric the compare view must show (fid/ddim50)")
     parser.add_argument("--screenshots", type=Path, default=None)
     args = parser.parse_args()
     repo = args.repo.resolve()
@@ -179,7 +211,8 @@ def main() -> None:
         screenshot(page.resolve().as_uri(), args.screenshots / "dvc_plots.png", size=(1400, 1800))
     store = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo / 'mlflow.db'}"
     with mlflow_server(store) as base:
-        print("mlflow:", check_mlflow(base, swept=args.swept, screenshots=args.screenshots))
+        print("mlflow:", check_mlflow(base, swept=args.swept, screenshots=args.screenshots,
+                                      methods=args.methods, compare_metric=args.compare_metric))
 
 
 if __name__ == "__main__":

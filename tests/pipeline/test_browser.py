@@ -23,7 +23,9 @@ pytestmark = [
 
 
 def test_mlflow_ui_and_dvc_plots_page_render(tmp_path: Path) -> None:
-    env = make_repo(tmp_path, tiny_raw())
+    raw = tiny_raw()
+    raw["methods"]["cfg1"] = {"sampler": "ddim", "steps": 5, "guidance": 1.0}
+    env = make_repo(tmp_path, raw)
     dvc(tmp_path, env, "repro")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
     subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
@@ -33,13 +35,14 @@ def test_mlflow_ui_and_dvc_plots_page_render(tmp_path: Path) -> None:
 
     page = browser_check.plots_page(tmp_path, env)
     seen = browser_check.check_plots_page(page, data_charts=3)
-    assert seen["images"] >= 3  # the two report figures and the grid
+    assert seen["images"] >= 3  # the two report figures and the grids
     with browser_check.mlflow_server(env["MLFLOW_TRACKING_URI"]) as base:
         found = browser_check.check_mlflow(base, swept="methods.ddim5.steps",
-                                           screenshots=tmp_path / "shots")
+                                           screenshots=tmp_path / "shots", methods=2,
+                                           compare_metric="fid/ddim5")
     assert len(found["runs"]) == 3  # the baseline and the two experiments
-    assert "fid_classifier/ddim5" in found["fid_metrics_on_run_page"] or any(
-        k.startswith("fid/") for k in found["fid_metrics_on_run_page"]
-    )
-    for name in ("mlflow_runs.png", "mlflow_compare.png"):
+    assert found["methods"] == ["cfg1", "ddim5"]  # nested under the newest pipeline run
+    assert found["run_count_shown"] == 1 + 3 * 3  # the training run, 3 pipeline runs, 6 methods
+    assert {"fid", "fid_ci_low", "fid_diff"} <= set(found["fid_metrics_on_run_page"])
+    for name in ("mlflow_runs.png", "mlflow_methods.png", "mlflow_compare.png"):
         assert (tmp_path / "shots" / name).stat().st_size > 10_000

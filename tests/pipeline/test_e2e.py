@@ -84,15 +84,18 @@ def test_dvc_repro_twice_and_the_mlflow_runs(tmp_path: Path) -> None:
     for stage in ("prepare", "classifier", "train", "sample@ddim5", "evaluate@ddim5", "report"):
         assert (tmp_path / "provenance" / f"{stage}.json").is_file(), stage
 
-    second = dvc(tmp_path, env, "repro")
-    assert "Running stage" not in second
-    assert "Data and pipelines are up to date" in dvc(tmp_path, env, "status")
+    second = dvc(tmp_path, env, "repro")  # only the track stage runs: it is always_changed
+    assert second.count("Running stage") == 1 and "Running stage 'track'" in second
+    assert "already logged" in second
+    status = dvc(tmp_path, env, "status")
+    assert "changed deps" not in status and "changed outs" not in status
+    assert "always changed" in status
     shown = json.loads(dvc(tmp_path, env, "metrics", "show", "--json"))
     assert "provenance" not in json.dumps(shown)  # metrics files hold numbers, not provenance
     assert '"fid_ci_high"' in json.dumps(shown) and '"recall"' in json.dumps(shown)
 
-    # one training run (the model, registered) and one pipeline run; the unchanged second
-    # `dvc repro` logged nothing
+    # one training run (the model, registered) and one pipeline run with its method run; the
+    # unchanged second `dvc repro` logged nothing new
     (train,) = runs_of(tmp_path, "train")
     (pipeline,) = runs_of(tmp_path, "pipeline")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -103,9 +106,14 @@ def test_dvc_repro_twice_and_the_mlflow_runs(tmp_path: Path) -> None:
     assert pipeline.info.run_name == "repro"  # no commit yet in this repository
     assert pipeline.data.params["train.steps"] == "6"
     assert pipeline.data.params["methods.ddim5.sampler"] == "ddim"
-    assert {"nfe/ddim5", "fid/ddim5", "fid_ci_low/ddim5", "fid_floor/ddim5",
-            "class_accuracy/ddim5", "images_per_s/ddim5", "train/final_loss",
-            "train/loss"} <= set(pipeline.data.metrics)
+    assert {"fid/ddim5", "fid_diff/ddim5", "train/final_loss", "train/loss"} <= set(
+        pipeline.data.metrics)
+    (method,) = runs_of(tmp_path, "method")
+    assert method.info.run_name == "ddim5"
+    assert method.data.tags["mlflow.parentRunId"] == pipeline.info.run_id
+    assert {"nfe", "fid", "fid_ci_low", "fid_floor", "fid_diff", "class_accuracy",
+            "images_per_s"} <= set(method.data.metrics)
+    assert method.data.params["sampler"] == "ddim" and method.data.params["steps"] == "5"
     history = client.get_metric_history(pipeline.info.run_id, "train/loss")
     assert [m.step for m in history] == [2, 4, 6]
     artifacts = {a.path for a in client.list_artifacts(pipeline.info.run_id)}
@@ -113,9 +121,9 @@ def test_dvc_repro_twice_and_the_mlflow_runs(tmp_path: Path) -> None:
     assert {"checkpoint", "train"} <= {a.path for a in client.list_artifacts(train.info.run_id)}
     assert (tmp_path / "mlartifacts").is_dir()
 
-    # `dvc repro -f` of the last stage logs a new pipeline run and links the same model
+    # `dvc repro -f` of the last stage finds the same state: nothing new is logged
     dvc(tmp_path, env, "repro", "-f", "track")
-    assert len(runs_of(tmp_path, "pipeline")) == 2 and len(runs_of(tmp_path, "train")) == 1
+    assert len(runs_of(tmp_path, "pipeline")) == 1 and len(runs_of(tmp_path, "train")) == 1
 
     # nothing in a file Git would keep names this machine's path, a time or a commit
     for path in tracked_files(tmp_path):

@@ -60,7 +60,10 @@ def test_queued_sweep_with_two_workers_logs_one_run_per_experiment(tmp_path: Pat
     assert {r.data.tags["dvc.exp_name"] for r in new} == names
     assert {r.info.run_name for r in new} == names
     assert sorted(r.data.params["methods.ddim5.steps"] for r in new) == ["3", "4"]
-    assert sorted(r.data.metrics["nfe/ddim5"] for r in new) == [3.0, 4.0]
+    nested = {r.data.tags["mlflow.parentRunId"]: r for r in runs_of(tmp_path, "method")}
+    assert sorted(nested[r.info.run_id].data.metrics["nfe"] for r in new) == [3.0, 4.0]
+    # the compare view of the sweep: the baseline's run and both experiments carry fid/ddim5
+    assert len(runs) == 3 and all("fid/ddim5" in r.data.metrics for r in runs)
     baseline_rev = git(tmp_path, "rev-parse", "HEAD").strip()
     assert {r.data.tags["dvc.baseline_rev"] for r in new} == {baseline_rev}
     assert all(r.data.tags["train.run_id"] for r in new)  # the baseline's training run
@@ -72,7 +75,7 @@ def test_queued_sweep_with_two_workers_logs_one_run_per_experiment(tmp_path: Pat
         ["python", "-m", "pipeline", "track", "--sync"], cwd=tmp_path, env=env,
         capture_output=True, text=True, check=True,
     ).stdout
-    assert "tagged 2 experiment run(s)" in out
+    assert "tagged 4 experiment run(s)" in out  # two pipeline runs and their method runs
     refs = git(tmp_path, "for-each-ref", "--format=%(objectname)", "refs/exps").split()
     for run in runs_of(tmp_path, "pipeline"):
         if run.data.tags.get("dvc.exp_name"):
@@ -93,18 +96,21 @@ def test_clones_log_to_their_own_store_and_pull_instead_of_retraining(tmp_path: 
     clone_env = dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{clone / 'mlflow.db'}")
     dvc(clone, clone_env, "remote", "add", "-d", "--local", "shared", str(remote))
     dvc(clone, clone_env, "pull")
-    assert "Data and pipelines are up to date" in dvc(clone, clone_env, "status")
+    assert dvc(clone, clone_env, "status").split() == ["track:", "always", "changed"]
     out = dvc(clone, clone_env, "repro")
-    assert "Running stage" not in out  # nothing retrained, nothing re-sampled
+    assert out.count("Running stage") == 1 and "Running stage 'track'" in out  # nothing re-made
+    assert len(runs_of(clone, "pipeline")) == 1  # the pulled state, in the clone's own store
 
     # a changed method re-samples from the pulled model and logs into the clone's own store
     params = (clone / "params.yaml").read_text().replace("steps: 5", "steps: 4")
     (clone / "params.yaml").write_text(params)
     out = dvc(clone, clone_env, "repro")
     assert "Running stage 'train'" not in out and "Running stage 'track'" in out
-    (run,) = runs_of(clone, "pipeline")
+    run, first = sorted(runs_of(clone, "pipeline"), key=lambda r: -r.info.start_time)
     assert run.data.params["methods.ddim5.steps"] == "4"
-    assert run.data.tags["model.run_id"] == run.info.run_id  # the model is logged here too
+    # the clone's first pipeline run logged the pulled model into this store; the next links it
+    assert first.data.tags["model.run_id"] == first.info.run_id
+    assert run.data.tags["model.run_id"] == first.info.run_id
     assert len(runs_of(origin, "pipeline")) == 1  # the origin's store is untouched
     assert subprocess.run(["git", "status", "--porcelain", "--", "runs/train"], cwd=clone,
                           capture_output=True, text=True).stdout == ""
