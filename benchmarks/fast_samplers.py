@@ -7,9 +7,10 @@
 Part 1 (quality, needs the pipeline's trained model and classifier): FID with the classifier
 features (the pipeline's ``fid_classifier``) against NFE for DDIM, DPM-Solver++ 2M/3M, UniPC-2/3
 and EDM Heun (Karras sigmas, rho = 7; ``steps = (NFE + 1) / 2``), DDPM-1000 as reference, and the
-real-data floor (test vs train features). Same seeds and labels (class ``i % 10``) for every row.
-The interval is a bias-shifted bootstrap over the generated images (``--bootstrap`` resamples; the
-evaluation issue's intervals can replace :func:`fid_interval`).
+real-data floor (``floor_fid``: m images of the held-out floor half F against R). Same seeds
+and labels (class ``i % 10``) for every row. The interval is the pipeline's bootstrap interval
+over the generated images (:func:`diffusion_core.evaluation.fid_interval`, ``--bootstrap``
+resamples).
 Part 2 (speed, random weights suffice): the default U-Net driven by our sampler and by diffusers'
 scheduler loop at equal NFE on the same noise; overhead = sampler wall time / (NFE x one batched
 network forward). Skip a part with ``--skip-quality`` / ``--skip-speed``.

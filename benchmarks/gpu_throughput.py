@@ -47,7 +47,7 @@ SAMPLERS = [  # (label, sampler, steps, settings)
 
 
 MODELS = {  # name: (U-Net keyword arguments, image shape)
-    # the 28x28 model of the GPU issue: ~1.2 M parameters
+    # a 28x28 MNIST-sized model: ~1.2 M parameters
     "mnist": (dict(in_channels=1, image_size=28, base_channels=32, channel_mults=[1, 2, 2],
                    num_res_blocks=1, attention_resolutions=[7]), (1, 28, 28)),
     # the DDPM paper's CIFAR-10 model (Ho et al. 2020): ~35.7 M parameters
