@@ -9,7 +9,9 @@ Scores ``n`` images as the evaluate stage does, on the bundled digits with the d
 training split (``scores``). The "generated" images are real digits with a little noise, cycled
 to ``n``: the timing does not depend on what the images show. The classifier is trained for one
 epoch (weights do not change the cost). One untimed warm-up first. Single process; ``--threads``
-torch threads (the statistics use one BLAS thread: many small matrices).
+torch threads (the statistics use one BLAS thread: many small matrices). Results:
+``benchmarks/results/eval_throughput.md``, one section per machine and command line (a rerun
+replaces its own section).
 """
 
 from __future__ import annotations
@@ -19,8 +21,16 @@ import time
 from pathlib import Path
 
 import torch
+from _results import RESULTS, command, machine, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
+PAGE = RESULTS / "eval_throughput.md"
+TITLE = "Evaluation throughput"
+INTRO = """Written by `python benchmarks/eval_throughput.py`, one section per machine and command
+line; a rerun replaces its own section. `n` images scored as the evaluate stage scores a method,
+on the bundled digits with the settings of `params.yaml`: features through clean-fid in batches
+of `evaluate.batch_size` (`features`), then every score: FID and floor intervals, KID, P/R, D/C
+and the near-copy check against the training split (`scores`). Single process."""
 
 
 def flat(images: torch.Tensor):
@@ -62,8 +72,10 @@ def main() -> None:
     test_f = extract_features(extractor, test_x, batch_size=ev.batch_size, device="cpu")
     warm = extract_features(extractor, test_x[:64], batch_size=ev.batch_size, device="cpu")
     score_features(warm, test_f[ref_idx], test_f[floor_idx], draws=ev.bootstrap, seed=0)  # untimed
-    print("| n | features (images/s) | scores (images/s) | total (images/s) |")
-    print("|---|---|---|---|")
+    lines = [f"torch {torch.__version__}, {args.threads} threads; {ev.bootstrap} bootstrap draws, "
+             f"feature batches of {ev.batch_size}, {train_x.shape[0]} training images", "",
+             "| n | features (images/s) | scores (images/s) | total (images/s) |",
+             "|---|---|---|---|"]
     for n in args.sizes:
         gen = torch.Generator().manual_seed(n)
         fake = images[torch.arange(n) % images.shape[0]]
@@ -82,9 +94,11 @@ def main() -> None:
         )
         memorisation(flat(fake), flat(train_x), flat(test_x[ref_idx]), flat(test_x[floor_idx]))
         end = time.perf_counter()
-        print(
+        lines.append(
             f"| {n} | {n / (mid - start):.0f} | {n / (end - mid):.0f} | {n / (end - start):.0f} |"
         )
+        print(lines[-1], flush=True)
+    write_section(PAGE, TITLE, INTRO, f"{machine()}: `{command()}`", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -7,31 +7,41 @@
 Part 1 (quality, needs the pipeline's trained model and classifier): FID with the classifier
 features (the pipeline's ``fid_classifier``) against NFE for DDIM, DPM-Solver++ 2M/3M, UniPC-2/3
 and EDM Heun (Karras sigmas, rho = 7; ``steps = (NFE + 1) / 2``), DDPM-1000 as reference, and the
-real-data floor (test vs train features). Same seeds and labels (class ``i % 10``) for every row.
-The interval is a bias-shifted bootstrap over the generated images (``--bootstrap`` resamples; the
-evaluation issue's intervals can replace :func:`fid_interval`).
+real-data floor (``floor_fid``: m images of the held-out floor half F against R). Same seeds
+and labels (class ``i % 10``) for every row. The interval is the pipeline's bootstrap interval
+over the generated images (:func:`diffusion_core.evaluation.fid_interval`, ``--bootstrap``
+resamples).
 Part 2 (speed, random weights suffice): the default U-Net driven by our sampler and by diffusers'
 scheduler loop at equal NFE on the same noise; overhead = sampler wall time / (NFE x one batched
 network forward). Skip a part with ``--skip-quality`` / ``--skip-speed``.
-Results: ``benchmarks/results/fast_samplers_{quality,speed}.csv`` and ``fast_samplers.md`` (+ plot).
+Results: ``benchmarks/results/fast_samplers.md``, one section per machine and command line (a
+rerun replaces its own section); the rows of the latest run of each part in
+``fast_samplers_quality.csv`` and ``fast_samplers_speed.csv``, and the latest quality run's plot,
+``fast_samplers_fid_nfe.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _results import RESULTS, command, machine, table, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "results"
+OUT = RESULTS
+TITLE = "Fast samplers: quality per compute, and speed against diffusers"
+INTRO = """Written by `python benchmarks/fast_samplers.py` (its docstring explains the options), one
+section per machine and command line; a rerun replaces its own section. Quality: FID of `n`
+samples of the trained default model with the pipeline's classifier features against the
+held-out reference half R, a bootstrap interval (`fid_lo`, `fid_hi`), and the real-data floor
+at m images of the floor half F. Speed: our sampler and diffusers' scheduler loop at equal NFE
+on the same network (random weights), noise and time grid; `overhead` = wall time / (NFE x one
+batched forward). Plot of the latest quality run: `fast_samplers_fid_nfe.png`."""
 
 QUALITY_METHODS = {  # name: (sampler, settings, spacing)
     "ddim": ("ddim", {}, "linspace"),
@@ -45,9 +55,8 @@ QUALITY_METHODS = {  # name: (sampler, settings, spacing)
 
 
 def environment() -> dict[str, str]:
-    return {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
-            "torch": torch.__version__, "threads": str(torch.get_num_threads()),
-            "command": shlex.join([Path(sys.executable).name, *sys.argv])}
+    return {"machine": machine(), "torch": torch.__version__,
+            "threads": str(torch.get_num_threads()), "command": command()}
 
 
 def reference_sets(path: str):
@@ -264,11 +273,8 @@ def markdown(quality_rows: list[dict], speed_rows: list[dict]) -> str:
         if not rows:
             continue
         env = rows[0]
-        lines += [f"### {title}", "",
-                  f"`{env['command']}` on {env['machine']}, torch {env['torch']}, "
-                  f"{env['threads']} threads", "",
-                  "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+        lines += [f"### {title}", "", f"torch {env['torch']}, {env['threads']} threads", ""]
+        lines += table(keys, rows)
         lines.append("")
     return "\n".join(lines)
 
@@ -291,7 +297,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, default=OUT, help="folder of the results page and files")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -303,8 +309,9 @@ def main() -> None:
         plot(q, args.out / "fast_samplers_fid_nfe.png")
     if s:
         write_csv(s, args.out / "fast_samplers_speed.csv")
-    (args.out / "fast_samplers.md").write_text(markdown(q, s))
-    print(markdown(q, s))
+    text = markdown(q, s)
+    write_section(args.out / "fast_samplers.md", TITLE, INTRO, f"{machine()}: `{command()}`", text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Fault injection: ``kill -9`` of the whole ``dvc repro`` process group at random moments.
 
-    PYTHONPATH=$PWD python benchmarks/fault_kill9.py --seeds 10 [--out kill9.json]
+    PYTHONPATH=. python benchmarks/fault_kill9.py --seeds 10 [--out kill9.json]
 
 One uninterrupted ``dvc repro`` of a tiny config (2 torchrun processes) in a fresh git + DVC
 repository gives the reference outputs and the run time T. Then, for each seed, a fresh
@@ -14,7 +14,9 @@ recorded). The script then checks that
 3. its outputs are identical to the reference: the DVC hashes of the data, the models
    (``runs/train/model.pt`` bit-exact after a resume), the samples and the grid, and the FID.
 
-Takes about 1-2 minutes per seed on 2 CPU cores; not part of ``make test``.
+Takes about 1-2 minutes per seed on 2 CPU cores; not part of ``make test``. Results:
+``benchmarks/results/fault_kill9.md``, one section per machine and command line (a rerun
+replaces its own section); ``--out`` also writes every run's record as JSON.
 """
 
 from __future__ import annotations
@@ -32,8 +34,19 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 import yaml
+from _results import RESULTS, command, machine, table, write_section
 
 REPO = Path(__file__).resolve().parents[1]
+PAGE = RESULTS / "fault_kill9.md"
+TITLE = "Fault injection: kill -9 of dvc repro at a random moment"
+INTRO = """Written by `python benchmarks/fault_kill9.py`, one section per machine and command line;
+a rerun replaces its own section. A tiny configuration (2 torchrun workers, 80 training steps)
+runs `dvc repro` once uninterrupted in a fresh repository (the reference), then once per seed in
+another fresh repository whose whole process group gets SIGKILL at a random moment in
+[0.2 T, 0.95 T]; then `dvc repro` again. A run is ok when no process is left in its
+repository and the re-run exits 0 with outputs bit-identical to the reference (`EXACT` in the
+script, the prepared tensors, the FID)."""
+
 sys.path.insert(0, str(REPO / "tests" / "pipeline"))
 from _pipeline_helpers import tiny_raw  # noqa: E402
 from test_e2e import make_repo  # noqa: E402
@@ -41,7 +54,7 @@ from test_e2e import make_repo  # noqa: E402
 from pipeline.files import file_digest  # noqa: E402
 
 # Outputs that must be bit-identical to the uninterrupted run (their md5 in dvc.lock).
-# (data/prepared as a whole is not: its info.json holds a provenance timestamp; its tensors are.)
+# (data/prepared is compared by its two tensors, below.)
 EXACT = (
     "models/classifier.pt",
     "models/reference_features.pt",
@@ -106,10 +119,27 @@ def current_stage(log: Path) -> str:
     return stages[-1] if stages else "(none)"
 
 
+def page_body(summary: dict[str, Any]) -> str:
+    """The results page's section of one invocation: a summary line and a row per run."""
+    runs = summary["runs"]
+    stages: dict[str, int] = {}
+    for r in runs:
+        stages[r["stage"]] = stages.get(r["stage"], 0) + 1
+    where = ", ".join(f"{stage} {count}" for stage, count in stages.items())
+    lines = [f"Reference run {summary['reference_s']} s; {len(runs)} interrupted runs (killed in: "
+             f"{where}); {sum(r['identical'] for r in runs)}/{len(runs)} identical after the "
+             f"re-run; all ok: {summary['all_ok']}.", ""]
+    keys = ["seed", "killed_after_s", "stage", "orphans_left", "last_process_gone_s",
+            "rerun_exit", "identical", "orphans_after_rerun"]
+    lines += table(keys, [{**r, "orphans_left": len(r["orphans_left"]),
+                           "orphans_after_rerun": len(r["orphans_after_rerun"])} for r in runs])
+    return "\n".join(lines)
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, default=10)
-    ap.add_argument("--out", type=Path, default=None)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=10, help="interrupted runs (seeds 0..N-1)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the records as JSON here")
     args = ap.parse_args()
     results: list[dict[str, Any]] = []
     with TemporaryDirectory(prefix="kill9-") as tmp:
@@ -165,6 +195,7 @@ def main() -> int:
         r["identical"] and not r["orphans_left"] and not r["orphans_after_rerun"] for r in results
     )
     summary = {"reference_s": round(total, 1), "runs": results, "all_ok": ok}
+    write_section(PAGE, TITLE, INTRO, f"{machine()}: `{command()}`", page_body(summary))
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{sum(r['identical'] for r in results)}/{len(results)} identical, all ok: {ok}")

@@ -1,22 +1,22 @@
 """Device throughput: training images/s (eager vs compiled, fp32 vs bf16, channels_last) and each
 sampler's overhead = wall time / (NFE x one bare batched forward of the same network callable).
 
-    .venv/bin/python benchmarks/gpu_throughput.py                 # CUDA if present, else CPU
-    .venv/bin/python benchmarks/gpu_throughput.py --small         # CPU-sized quick run
-    .venv/bin/python benchmarks/gpu_throughput.py --compile       # also torch.compile on CPU
-    .venv/bin/python benchmarks/gpu_throughput.py --out DIR       # write the table there too
+    python benchmarks/gpu_throughput.py                 # CUDA if present, else CPU
+    python benchmarks/gpu_throughput.py --small         # CPU-sized quick run
+    python benchmarks/gpu_throughput.py --compile       # also torch.compile on CPU
+    python benchmarks/gpu_throughput.py --out DIR       # a copy of the page in DIR too
 
-The model is the 28x28 U-Net of the GPU issue (base 32, mults [1, 2, 2], attention at 7,
+The model is the 28x28 U-Net of the GPU benchmark (base 32, mults [1, 2, 2], attention at 7,
 ~1.2 M parameters) on random 28x28 data (throughput does not depend on the pixels). On a GPU the
 defaults are batch 256 for training and 1,000 images for sampling; ``--small`` uses batch 32 and
 64 images. A sampler's overhead is what it costs beyond the network: 1.00 means the loop, the
-noise and the coefficient arithmetic are free. Writes ``benchmarks/results/throughput_<device>.md``.
+noise and the coefficient arithmetic are free. Results: ``benchmarks/results/gpu_throughput.md``,
+one section per device and command line (a rerun replaces its own section).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -26,6 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _results import RESULTS, command, machine, write_section  # noqa: E402
 
 from diffusion_core.cuda_graphs import CUDAGraphNet  # noqa: E402
 from diffusion_core.denoiser import Denoiser  # noqa: E402
@@ -45,7 +47,7 @@ SAMPLERS = [  # (label, sampler, steps, settings)
 
 
 MODELS = {  # name: (U-Net keyword arguments, image shape)
-    # the 28x28 model of the GPU issue: ~1.2 M parameters
+    # a 28x28 MNIST-sized model: ~1.2 M parameters
     "mnist": (dict(in_channels=1, image_size=28, base_channels=32, channel_mults=[1, 2, 2],
                    num_res_blocks=1, attention_resolutions=[7]), (1, 28, 28)),
     # the DDPM paper's CIFAR-10 model (Ho et al. 2020): ~35.7 M parameters
@@ -133,6 +135,17 @@ def overheads(device: torch.device, n: int, graphs: bool = False
     return rows
 
 
+PAGE = "gpu_throughput.md"
+TITLE = "Device throughput"
+INTRO = """Written by `python benchmarks/gpu_throughput.py` (its docstring explains the options), one
+section per device and command line; a rerun replaces its own section. Training: images/s of the
+library's training loop on random data after 10 untimed steps, against the first configuration
+of the run (eager fp32), with the mean loss of the timed steps. Samplers: wall time of
+`diffusion_core.samplers.generate` and its overhead, wall time / (NFE x one bare batched forward
+of the same network callable); "CUDA graph" replays the network with
+`diffusion_core.cuda_graphs.CUDAGraphNet`. With `--diffusers`: our DPM-Solver++ 2M and UniPC
+against diffusers' scheduler loop on the same network, noise and time grid."""
+
 TRAIN_CONFIGS = [  # (label, compile, compile mode, bf16, channels_last); CUDA runs them all
     ("eager fp32", False, "default", False, False),
     ("eager bf16", False, "default", True, False),
@@ -160,7 +173,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="training batch size")
     parser.add_argument("--diffusers", action="store_true",
                         help="also time DPM-Solver++/UniPC against diffusers' scheduler loop")
-    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"also write the page ({PAGE}) into this folder")
     args = parser.parse_args()
     device = default_device()
     small = args.small or device.type != "cuda"
@@ -168,25 +182,17 @@ def main() -> None:
     batch = args.batch or batch
     steps = args.steps or (10 if small else 200)
     steps = max(WARMUP_STEPS, steps // WARMUP_STEPS * WARMUP_STEPS)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     lines = [
-        f"device: {name} ({device.type}), torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}, TF32 matmul "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, TF32 matmul "
         f"{torch.backends.cuda.matmul.allow_tf32 if device.type == 'cuda' else '-'}",
-        f"command: {' '.join(['python', *sys.argv])}",
         "",
     ]
-    part = "_train" if args.skip_samplers else "_samplers" if args.skip_train else ""
-    part += "" if args.model == "mnist" else f"_{args.model}"
-    out_files = [ROOT / "benchmarks" / "results" / f"throughput_{device.type}{part}.md"]
-    if args.out is not None:
-        out_files.append(args.out / out_files[0].name)
+    heading = f"{machine(device)}: `{command()}`"
+    pages = [RESULTS / PAGE] + ([args.out / PAGE] if args.out is not None else [])
 
     def flush() -> None:  # write what is measured so far (a killed run keeps its rows)
-        text = "\n".join(lines) + "\n"
-        for path in out_files:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+        for path in pages:
+            write_section(path, TITLE, INTRO, heading, "\n".join(lines))
 
     if not args.skip_train:
         lines += [f"| training, {args.model} model (batch {batch}, {steps} timed steps) | images/s "
@@ -241,6 +247,7 @@ def main() -> None:
                   "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
         flush()
+    flush()
     print("\n".join(lines))
 
 

@@ -6,6 +6,8 @@ Each configuration trains the default U-Net of ``params.yaml`` on the bundled di
 global batch of ``params.yaml`` for ``--steps`` steps; the first ``--warmup`` steps are not timed.
 Scaling efficiency = (images/s with N processes) / (N x images/s with 1 process of 1 thread).
 Run it on an otherwise idle machine: timings of processes that share cores are meaningless.
+Results: ``benchmarks/results/train_throughput.md``, one section per machine and command line (a
+rerun replaces its own section).
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import RESULTS, command, machine, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
+PAGE = RESULTS / "train_throughput.md"
+TITLE = "Training throughput on the CPU: 1 and 2 processes"
+INTRO = """Written by `python benchmarks/train_throughput.py`, one section per machine and command
+line; a rerun replaces its own section. The default U-Net of `params.yaml` on the bundled digits
+with the global batch of `params.yaml`, trained by the library's loop under torchrun (DDP over
+gloo for 2 processes); the first `--warmup` steps are not timed. Scaling efficiency = images/s
+with N processes / (N x images/s of 1 process with 1 thread)."""
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -77,12 +88,24 @@ def main() -> None:
             ("2 processes x 1 thread (DDP, gloo)", 2, 1)]
     results = {name: run(n, t, args) for name, n, t in rows}
     base = results[rows[0][0]]["images_per_s"]
-    print("| configuration | images/s | s/step | scaling efficiency vs 1x1 |")
-    print("|---|---|---|---|")
+    import torch
+
+    from pipeline.config import load_params
+    from pipeline.train import build_unet
+
+    params = load_params(Path(args.params))
+    size = sum(p.numel() for p in build_unet(params).parameters()) / 1e6
+    lines = [f"torch {torch.__version__}; {size:.2f} M parameters, global batch "
+             f"{params.train.batch_size}, {args.steps} steps of which the first {args.warmup} "
+             "untimed", "",
+             "| configuration | images/s | s/step | scaling efficiency vs 1x1 |",
+             "|---|---|---|---|"]
     for name, n, _ in rows:
         r = results[name]
         eff = r["images_per_s"] / (n * base)
-        print(f"| {name} | {r['images_per_s']:.0f} | {r['step_s']:.3f} | {eff:.2f} |")
+        lines.append(f"| {name} | {r['images_per_s']:.0f} | {r['step_s']:.3f} | {eff:.2f} |")
+    write_section(PAGE, TITLE, INTRO, f"{machine()}: `{command()}`", "\n".join(lines))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

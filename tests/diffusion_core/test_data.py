@@ -4,6 +4,7 @@ stratified split, uint8 conversion."""
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from diffusion_core.data import (
     train_test_split,
 )
 
-REAL_MNIST = Path("/work/shared/data/mnist")
+# real MNIST idx files, if a machine has them: $DIFFUSION_MNIST_ROOT, else the profiles' data.root
+REAL_MNIST = Path(os.environ.get("DIFFUSION_MNIST_ROOT",
+                                 Path(__file__).resolve().parents[2] / "data" / "mnist"))
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
