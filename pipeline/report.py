@@ -207,14 +207,25 @@ def _interval(r: dict[str, Any], key: str) -> str:
     return f"{_num(r[key])} [{_num(r[f'{key}_ci_low'], 3)}, {_num(r[f'{key}_ci_high'], 3)}]"
 
 
+def _signed_interval(r: dict[str, Any], key: str) -> str:
+    """A difference and its interval, signed, one decimal (``-0.4 [-39.7, +38.8]``)."""
+    if r.get(key) is None:
+        return "-"
+    if r.get("vs_baseline") == "baseline":
+        return "0 (baseline)"
+    return f"{r[key]:+.1f} [{r[f'{key}_ci_low']:+.1f}, {r[f'{key}_ci_high']:+.1f}]"
+
+
 def _cell(r: dict[str, Any], key: str) -> str:
     if key == "guidance" and r.get("unconditional"):
         return "null label"
     if key == "guidance" and r.get("autoguidance"):
         auto = f"auto {r['autoguidance']:g}"
         return f"{r['guidance']:g} + {auto}" if r.get("guidance") else auto
-    if key in ("fid", "fid_floor", "fid_diff"):
+    if key in ("fid", "fid_floor"):
         return _interval(r, key)
+    if key == "fid_diff":
+        return _signed_interval(r, key)
     if key == "fid_matched":
         if r.get(key) is None:
             return "-"
@@ -369,8 +380,9 @@ def readme_table(summary: dict[str, Any]) -> str:
                          "| | | | | | | |")
             continue
         accuracy = "-" if r.get("class_accuracy") is None else f"{100 * r['class_accuracy']:.1f} %"
+        fid = f"{r['fid']:.1f} [{r['fid_ci_low']:.1f}, {r['fid_ci_high']:.1f}]"
         cells = [f"`{r['method']}`", r["sampler"], _cell(r, "steps"), _cell(r, "guidance"),
-                 _num(r.get("nfe")), _interval(r, "fid"), _interval(r, "fid_diff"),
+                 _num(r.get("nfe")), fid, _signed_interval(r, "fid_diff"),
                  r.get("vs_baseline") or "-", accuracy,
                  _VERDICT_WORDS.get(r.get("verdict"), str(r.get("verdict")))]
         lines.append("| " + " | ".join(cells) + " |")

@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipeline import paths, report
 from pipeline.config import Params, validate_params
+from pipeline.errors import StageError
 from pipeline.files import read_json, write_json
 
 FLOOR = 2.0
@@ -230,3 +231,30 @@ def test_table_names_autoguidance_in_the_guidance_column(workdir: Path) -> None:
     assert "| ag | ddim | 5 | auto 1.5 |" in table
     assert "| both | ddim | 5 | 2 + auto 1 |" in table
     assert "| 0.020 | 0.050 [0.034, 0.073] (0.040) |" in table  # near copies, unclear (real)
+
+
+def test_readme_table_is_written_between_the_markers(workdir: Path) -> None:
+    write_records(METHODS)
+    report.run(params_of(METHODS))
+    readme = workdir / "README.md"
+    readme.write_text(f"intro\n{report.README_START}\nold\n{report.README_END}\nrest\n")
+    assert report.write_readme_table(readme) is True
+    text = readme.read_text()
+    assert text.startswith(f"intro\n{report.README_START}\n| method |") and "old" not in text
+    assert text.endswith(f"{report.README_END}\nrest\n")
+    assert "| `b1` | ddim | 5 | 1 | 5 | 12.0 [10.5, 13.5] | +2.0 [+" in text
+    assert "| `a` | ddim | 5 | 0 | 5 | 10.0 [8.5, 11.5] | 0 (baseline) | baseline |" in text
+    assert report.write_readme_table(readme) is False  # already up to date
+    readme.write_text("no block\n")
+    with pytest.raises(StageError, match="no results block"):
+        report.write_readme_table(readme)
+
+
+def test_the_readme_table_is_the_committed_summarys() -> None:
+    """The README's results are generated (`diffusion readme-table`), never copied by hand."""
+    from _pipeline_helpers import REPO
+
+    text = (REPO / "README.md").read_text()
+    block = text.split(report.README_START, 1)[1].split(report.README_END, 1)[0]
+    summary = read_json(REPO / paths.SUMMARY)
+    assert block == "\n" + report.readme_table(summary)
