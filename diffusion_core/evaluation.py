@@ -41,9 +41,12 @@ the pipeline wires them to files. The protocol they implement:
   interval (both at ``m``) is
   "indistinguishable from real data at this n" (the floor interval already holds the spread of an
   ``n``-image FID, so this is a test at about the stated level); above it "worse than floor";
-  below it "below floor" (better than real data: look at the near-copy fraction). Two methods
-  differ only when their intervals do not overlap (:func:`overlaps`; conservative: overlap does
-  not prove equality).
+  below it "below floor" (better than real data: look at the near-copy fraction).
+* **Paired differences** between two methods (:func:`paired_difference`): every method draws
+  image ``i`` from seed ``i`` and is scored against the same ``R``, so a *joint bootstrap*
+  (:func:`joint_plan`) resamples the seeds and the reference once for both, and the interval
+  of ``FID_a - FID_b`` comes from the draw-by-draw differences (:func:`joint_fid_draws`): the
+  shared noise cancels. :func:`compare` reads it as better, worse or not resolved.
 * **KID** (Binkowski et al. 2018, "Demystifying MMD GANs"): unbiased MMD^2 with the cubic kernel
   ``k(x, y) = (x.y / D + 1)^3`` on features *standardised* by the reference's per-dimension mean
   and standard deviation (:func:`standardise`), so the kernel's scale does not depend on the
@@ -63,7 +66,7 @@ the pipeline wires them to files. The protocol they implement:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from statistics import NormalDist
 from typing import NamedTuple
 
@@ -88,13 +91,11 @@ __all__ = [
     "memorisation",
     "near_copy_fraction",
     "nearest_distances",
-    "overlaps",
     "prdc",
     "reference_split",
     "score_features",
     "standardise",
     "verdict",
-    "indistinguishable_from",
     "joint_fid_draws",
     "joint_plan",
     "JointPlan",
@@ -620,19 +621,6 @@ def verdict(fid: float, floor_low: float, floor_high: float) -> str:
     if fid < floor_low:
         return VERDICT_BELOW
     return VERDICT_REAL
-
-
-def overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """Whether the intervals ``a = (low, high)`` and ``b`` overlap (not resolved apart)."""
-    return a[0] <= b[1] and b[0] <= a[1]
-
-
-def indistinguishable_from(
-    intervals: Mapping[str, tuple[float, float]],
-) -> dict[str, list[str]]:
-    """For each name, the other names whose intervals overlap its own (in the given order)."""
-    names: Sequence[str] = list(intervals)
-    return {a: [b for b in names if b != a and overlaps(intervals[a], intervals[b])] for a in names}
 
 
 def score_features(
