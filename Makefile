@@ -15,7 +15,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 help:
 	@echo "make run   - set up .venv and reproduce the pipeline (dvc repro)"
-	@echo "make test  - set up .venv, ruff check and pytest"
+	@echo "make test  - set up .venv, ruff check and pytest (two workers, one per core)"
 	@echo "make ui    - MLflow UI on this repo's store (http://127.0.0.1:5000, runs table)"
 	@echo "make browser-check - check dvc plots + MLflow UI in headless Chromium, README screenshots"
 
@@ -34,7 +34,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 # The MLflow UI opens on the runs table of the first experiment with this URL.
 ui: $(STAMP)

@@ -23,9 +23,10 @@ from diffusion_core.data import (
     train_test_split,
 )
 
-# real MNIST idx files, if a machine has them: $DIFFUSION_MNIST_ROOT, else the profiles' data.root
+# real MNIST idx files: $DIFFUSION_MNIST_ROOT, else the shared data folder beside the checkout
+# (the project's test machines and CI have it there)
 REAL_MNIST = Path(os.environ.get("DIFFUSION_MNIST_ROOT",
-                                 Path(__file__).resolve().parents[2] / "data" / "mnist"))
+                                 Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"))
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:

@@ -27,7 +27,7 @@ def tiny_raw() -> dict[str, Any]:
         steps=6, batch_size=16, warmup_steps=2, nproc=1, checkpoint_every=3, log_every=2
     )
     raw["classifier"].update(epochs=1, batch_size=256, feature_dim=16)
-    raw["sample"].update(n_images=20, batch_size=20)
+    raw["sample"].update(n_images=20, batch_size=20, nproc=1)
     raw["methods"] = {"ddim5": {"sampler": "ddim", "steps": 5, "eta": 0.0}}
     raw["evaluate"].update(batch_size=256, bpd_images=0, baseline=None)
     return raw
