@@ -82,7 +82,7 @@ def train_rate(device: torch.device, batch: int, steps: int, compile_: bool, bf1
     cfg = TrainConfig(steps=steps + WARMUP_STEPS, batch_size=batch, lr=1e-4, checkpoint_every=0,
                       keep_last=1, log_every=WARMUP_STEPS, seed=0, compile=compile_,
                       compile_mode=mode, channels_last=channels_last,
-                      mixed_precision="bf16" if bf16 else "no")
+                      mixed_precision="bf16" if bf16 else "fp32")
 
     def on_log(step: int, logs: dict) -> None:
         sync(device)

@@ -40,7 +40,6 @@ __all__ = [
     "INCEPTION_URL",
     "classification_accuracy",
     "extract_features",
-    "extract_folder_features",
     "feature_statistics",
     "fid_from_features",
     "fid_from_statistics",
@@ -341,37 +340,6 @@ def extract_features(
         if callback is not None:
             callback(batch.shape[0])
     return np.concatenate(feats).astype(np.float64)
-
-
-def extract_folder_features(
-    extractor: FeatureFn,
-    folder: str | Path,
-    *,
-    batch_size: int = 256,
-    device: torch.device | str | None = None,
-    resize: str = "native",
-) -> np.ndarray:
-    """Features of every image file under ``folder`` via ``cleanfid.fid.get_folder_features``.
-
-    Uses ``num_workers=0`` and the given device; ``resize`` as in ``extract_features``.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"image folder {folder} does not exist")
-    device = _default_device(device)
-    fn_resize = keep_native_size if resize == "native" else _resizer(resize)
-    _prepare(extractor, device)
-    feats = cleanfid_fid.get_folder_features(
-        str(folder),
-        model=extractor,
-        num_workers=0,
-        batch_size=batch_size,
-        device=device,
-        mode="clean",
-        custom_fn_resize=fn_resize,
-        verbose=False,
-    )
-    return np.asarray(feats, dtype=np.float64)
 
 
 def _check_features(f1: np.ndarray, f2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -45,11 +45,6 @@ def score_from_eps(eps: Tensor, sigma: Tensor) -> Tensor:
     return -eps / sigma
 
 
-def eps_from_score(score: Tensor, sigma: Tensor) -> Tensor:
-    """``eps = -sigma * score``."""
-    return -sigma * score
-
-
 def eps_x0_from_prediction(
     kind: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor
 ) -> tuple[Tensor, Tensor]:

@@ -76,6 +76,7 @@ from diffusion_core.distributed import (
 from diffusion_core.ema import EMA, MAX_POWER_EMA_STD, unwrap_model
 from diffusion_core.losses import LOSS_WEIGHTINGS, denoising_loss
 from diffusion_core.noise_levels import EDM_P_MEAN, EDM_P_STD, T_SAMPLINGS
+from diffusion_core.parameterization import PREDICTIONS
 
 __all__ = [
     "MODEL_FORMAT",
@@ -92,8 +93,7 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "diffusion-toolkit/train-checkpoint-v1"
 MODEL_FORMAT = "diffusion-toolkit/model-v1"
-PREDICTIONS = ("eps", "x0", "v")
-MIXED_PRECISION = ("fp32", "no", "bf16", "auto")  # "no" is the older name of "fp32"
+MIXED_PRECISION = ("fp32", "bf16", "auto")
 LR_DECAYS = ("none", "linear", "cosine")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -105,15 +105,15 @@ class TrainConfig:
 
     ``batch_size`` is the GLOBAL batch, split evenly across ranks. ``grad_clip = 0`` disables
     clipping. ``checkpoint_every = 0`` saves only at the end (and on interrupt).
-    ``mixed_precision``: ``"fp32"`` (or ``"no"``), ``"bf16"`` (autocast on CUDA or the CPU:
-    1.5x the steps/s of the 28x28 U-Net on an AVX512-BF16 CPU, 0.14x on an AVX2-only one) or
-    ``"auto"`` (bf16 where the device computes it natively, else fp32: :func:`resolve_precision`).
+    ``mixed_precision``: ``"fp32"``, ``"bf16"`` (autocast on CUDA or the CPU; faster only where
+    the device computes bf16 natively, see docs/training.md) or ``"auto"`` (bf16 where the
+    device computes it natively, else fp32: :func:`resolve_precision`).
     ``lr_decay`` (``none``, ``linear``, ``cosine``): see :func:`lr_at`. ``compile`` wraps the
     model in ``torch.compile(mode=compile_mode)`` (``"reduce-overhead"`` adds CUDA graphs);
     ``"auto"`` compiles on one CUDA device only (3x the eager images/s of a small U-Net on an
     H200; on the CPU compilation costs minutes, and under DDP it is not measured).
-    ``channels_last`` stores weights and batches in NHWC order. See
-    ``benchmarks/results/throughput_cuda_*.md`` for the measurements.
+    ``channels_last`` stores weights and batches in NHWC order. The measurements behind these
+    choices are in docs/benchmarks.md and docs/training.md.
     ``loss_weighting`` (with ``min_snr_gamma``, ``sigma_data``) and ``t_sampling`` (with
     ``p_mean``, ``p_std``) go to :func:`~diffusion_core.losses.denoising_loss`; ``ema_std``
     (``None``: exponential EMA with ``ema_decay``) to :class:`~diffusion_core.ema.EMA`.
@@ -331,9 +331,8 @@ def use_compile(cfg: TrainConfig, device: torch.device, world_size: int) -> bool
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 natively: a CUDA device with bf16 support, or a CPU with
     AVX512-BF16 or AMX instructions (PyTorch's CPU feature checks). Elsewhere, e.g. on an
-    AVX2-only AMD EPYC, bf16 autocast is emulated and SLOWER than fp32: the MNIST profile's U-Net
-    took 2.84 s per step against 0.41 s in fp32 there (``benchmarks/cpu_compile.py``, batch 32,
-    one thread), where an AVX512-BF16 CPU gains 1.4x."""
+    AVX2-only CPU, bf16 autocast is emulated and slower than fp32 (measurements:
+    docs/training.md)."""
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
@@ -345,8 +344,8 @@ def native_bf16(device: torch.device) -> bool:
 
 def resolve_precision(mode: str, device: torch.device) -> str:
     """``"bf16"`` or ``"fp32"``: what ``mixed_precision`` means on ``device``. ``"auto"`` is
-    bf16 where the device computes it natively (:func:`native_bf16`), else fp32; ``"no"`` is
-    fp32; an explicit ``"bf16"`` stays bf16 (autocast exists on CUDA and the CPU only)."""
+    bf16 where the device computes it natively (:func:`native_bf16`), else fp32; an explicit
+    ``"bf16"`` stays bf16 (autocast exists on CUDA and the CPU only)."""
     if mode == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if mode == "bf16":
@@ -523,8 +522,8 @@ def train(
     precision = resolve_precision(cfg.mixed_precision, device)
     if precision == "bf16" and not native_bf16(device):
         rank0_print(f"warning: mixed_precision='bf16' on a {device.type} without native bf16 "
-                    "(no AVX512-BF16 or AMX): autocast is emulated and slower than fp32 (7x "
-                    "measured on an AVX2 CPU); use 'auto' or 'fp32'")
+                    "(no AVX512-BF16 or AMX): autocast is emulated and slower than fp32; use "
+                    "'auto' or 'fp32'")
     autocast = _autocast(precision, device)
     ckdir = Path(checkpoint_dir)
     model_path = Path(model_path) if model_path is not None else ckdir / "model.pt"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -157,7 +156,7 @@ class TrainParams(_Section):
     )
     nproc: int = Field(ge=1)
     threads_per_proc: int = Field(ge=1)
-    mixed_precision: Literal["fp32", "no", "bf16", "auto"]
+    mixed_precision: Literal["fp32", "bf16", "auto"]
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile the model; auto = on one CUDA device only")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",
@@ -583,15 +582,6 @@ def load_params(path: str | Path) -> Params:
         first = (str(exc).splitlines() or [""])[0]
         raise ParamsError(f"{path}: invalid YAML value: {first}") from None
     return validate_params(raw, source=str(path))
-
-
-def load_params_or_exit(path: str | Path) -> Params:
-    """:func:`load_params`, but print the one-line message to stderr and exit 2 on error."""
-    try:
-        return load_params(path)
-    except ParamsError as exc:
-        print(exc, file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def _digest(obj: Any) -> str:

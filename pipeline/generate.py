@@ -17,7 +17,6 @@ timing). Every bad option is a :class:`OptionError` whose message is one line na
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,8 +27,6 @@ import torch
 
 from pipeline import paths
 from pipeline.errors import StageError
-
-NAME = re.compile(r"^(?P<index>\d+)_(?:class(?P<label>\d+)|uncond)_seed(?P<seed>\d+)\.png$")
 
 
 class OptionError(ValueError):
@@ -61,15 +58,6 @@ def image_name(index: int, label: int | None, seed: int) -> str:
     """``00012_class3_seed12.png``; ``00012_uncond_seed12.png`` for the null label."""
     middle = "uncond" if label is None else f"class{label}"
     return f"{index:05d}_{middle}_seed{seed}.png"
-
-
-def parse_name(name: str) -> tuple[int, int | None, int]:
-    """``(index, label or None, seed)`` of an :func:`image_name`."""
-    match = NAME.match(name)
-    if match is None:
-        raise ValueError(f"not a generated image name: {name!r}")
-    label = match["label"]
-    return int(match["index"]), None if label is None else int(label), int(match["seed"])
 
 
 def resolve_model(spec: str) -> Path:

@@ -27,14 +27,6 @@ def quiet() -> bool:
     return os.environ.get(QUIET_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def set_quiet(value: bool = True) -> None:
-    """Silence (or restore) progress output in this process and the processes it starts."""
-    if value:
-        os.environ[QUIET_ENV] = "1"
-    else:
-        os.environ.pop(QUIET_ENV, None)
-
-
 def _rank() -> int:
     import torch.distributed as tdist
 

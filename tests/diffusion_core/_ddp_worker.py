@@ -83,7 +83,7 @@ CONFIG = dict(
     checkpoint_every=2,
     keep_last=2,
     log_every=1,
-    mixed_precision="no",
+    mixed_precision="fp32",
     seed=7,
 )
 

@@ -104,7 +104,7 @@ def test_noise_streams_are_the_same_on_cpu_and_cuda():
 def test_gpu_training_checks_losses_at_logs_and_names_the_bad_step(tmp_path):
     images = torch.rand(64, 1, 8, 8) * 2 - 1
     cfg = TrainConfig(steps=6, batch_size=8, lr=1e-3, checkpoint_every=0, keep_last=1,
-                      log_every=3, seed=0, mixed_precision="no", channels_last=True)
+                      log_every=3, seed=0, mixed_precision="fp32", channels_last=True)
     result = train(_net(), make_process("ddpm", num_steps=100), images, None, cfg,
                    checkpoint_dir=tmp_path / "ok", config_hash="h", progress=False)
     assert (result.step, result.interrupted, result.resumed) == (6, False, False)

@@ -15,12 +15,12 @@ from diffusion_core.metrics import (
     FeatureClassifier,
     classification_accuracy,
     extract_features,
-    extract_folder_features,
     feature_statistics,
     fid_from_features,
     fid_from_statistics,
     inception_extractor,
     inception_weights_path,
+    keep_native_size,
     kid_from_features,
     top_probabilities,
     train_classifier,
@@ -187,16 +187,23 @@ def test_extract_features_reports_each_batch() -> None:
     assert feats.shape == (10, 3 * 64)  # grey images reach clean-fid's extractors as RGB
 
 
-def test_folder_path_matches_tensor_path(
+def test_tensor_path_matches_clean_fids_own_reading_of_png_files(
     tmp_path: Path,
     digits_split: tuple[torch.Tensor, ...],
     digits_classifier: FeatureClassifier,
 ) -> None:
+    """The images, saved as 8-bit PNGs and read by clean-fid itself, give the same features as
+    ``extract_features`` gives the tensors."""
+    from cleanfid.fid import get_folder_features
+
     images = digits_split[2][:12]
     for i, img in enumerate(to_uint8(images)[:, 0].numpy()):
         Image.fromarray(img, mode="L").save(tmp_path / f"{i:04d}.png")
     extractor = CleanFIDFeatureExtractor(digits_classifier)
-    from_folder = extract_folder_features(extractor, tmp_path, batch_size=5, device="cpu")
+    extractor.eval()
+    from_folder = get_folder_features(str(tmp_path), model=extractor, num_workers=0,
+                                      batch_size=5, device=torch.device("cpu"), mode="clean",
+                                      custom_fn_resize=keep_native_size, verbose=False)
     from_tensor = extract_features(extractor, images, batch_size=5, device="cpu")
     np.testing.assert_allclose(from_folder, from_tensor, rtol=1e-5, atol=1e-5)
 

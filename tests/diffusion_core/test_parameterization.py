@@ -32,7 +32,7 @@ def test_pairwise_inverses(case):
     v = P.v_from_eps_x0(eps, x0, alpha, sigma)
     e2, x2 = P.eps_x0_from_v(x, v, alpha, sigma)
     assert torch.allclose(e2, eps) and torch.allclose(x2, x0)
-    assert torch.allclose(P.eps_from_score(P.score_from_eps(eps, sigma), sigma), eps)
+    assert torch.allclose(-sigma * P.score_from_eps(eps, sigma), eps)
 
 
 def test_score_of_gaussian_marginal(case):

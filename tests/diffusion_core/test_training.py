@@ -141,7 +141,7 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, avx5
     assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
     # explicit choices are kept whatever the CPU
     assert resolve_precision("bf16", cpu) == "bf16"
-    assert resolve_precision("fp32", cpu) == resolve_precision("no", cpu) == "fp32"
+    assert resolve_precision("fp32", cpu) == "fp32"
     with pytest.raises(ValueError, match="needs CUDA or the CPU"):
         resolve_precision("bf16", torch.device("meta"))
     assert resolve_precision("auto", torch.device("meta")) == "fp32"
