@@ -169,7 +169,11 @@ class ReferenceStatistics:
 
     def fid(self, features: np.ndarray) -> float:
         """FID of one feature set ``(N, D)`` against the reference."""
-        mus, covs = _moments(_as_features(features, "features"), None)
+        features = _as_features(features, "features")
+        if features.shape[1] != self.dim:
+            raise ValueError(f"feature dimensions differ: {features.shape[1]} and the "
+                             f"reference's {self.dim}")
+        mus, covs = _moments(features, None)
         return float(self.fid_batch(mus, covs)[0])
 
     def fid_of_draws(self, features: np.ndarray, index: np.ndarray) -> np.ndarray:

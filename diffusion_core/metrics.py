@@ -19,13 +19,11 @@ from __future__ import annotations
 import os
 import platform
 import socket
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from cleanfid import fid as cleanfid_fid
@@ -40,13 +38,9 @@ __all__ = [
     "INCEPTION_URL",
     "classification_accuracy",
     "extract_features",
-    "feature_statistics",
-    "fid_from_features",
-    "fid_from_statistics",
     "inception_extractor",
     "inception_weights_path",
     "keep_native_size",
-    "kid_from_features",
     "train_classifier",
 ]
 
@@ -340,87 +334,6 @@ def extract_features(
         if callback is not None:
             callback(batch.shape[0])
     return np.concatenate(feats).astype(np.float64)
-
-
-def _check_features(f1: np.ndarray, f2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    f1, f2 = np.asarray(f1, dtype=np.float64), np.asarray(f2, dtype=np.float64)
-    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
-        raise ValueError(f"features must be (N, D) with equal D, got {f1.shape} and {f2.shape}")
-    if min(f1.shape[0], f2.shape[0]) < 2:
-        raise ValueError(f"need >= 2 samples per feature set, got {f1.shape[0]} and {f2.shape[0]}")
-    return f1, f2
-
-
-def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean ``(D,)`` and unbiased covariance ``(D, D)`` of features ``(N, D)`` (for caching)."""
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or features.shape[0] < 2:
-        raise ValueError(f"features must be (N >= 2, D), got {features.shape}")
-    return features.mean(axis=0), np.cov(features, rowvar=False).reshape(
-        features.shape[1], features.shape[1]
-    )
-
-
-def fid_from_statistics(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
-) -> float:
-    """Frechet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)`` (clean-fid).
-
-    clean-fid 0.1.35 calls ``scipy.linalg.sqrtm(..., disp=False)``, deprecated in SciPy 1.16 and
-    removed in 1.18; there the same formula is evaluated by ``_frechet_distance``.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*disp.*", category=DeprecationWarning)
-        try:
-            return float(cleanfid_fid.frechet_distance(mu1, sigma1, mu2, sigma2))
-        except TypeError as exc:
-            if "disp" not in str(exc):
-                raise
-    return _frechet_distance(mu1, sigma1, mu2, sigma2)
-
-
-def _frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
-) -> float:
-    """``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))``, clean-fid's algorithm for new SciPy."""
-    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
-    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics differ in shape: {mu1.shape}/{mu2.shape}, {sigma1.shape}")
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # nearly singular product: regularise as clean-fid does
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")
-        covmean = covmean.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
-    """FID between two feature sets ``(N1, D)`` and ``(N2, D)``."""
-    f1, f2 = _check_features(f1, f2)
-    return fid_from_statistics(*feature_statistics(f1), *feature_statistics(f2))
-
-
-def kid_from_features(
-    f1: np.ndarray,
-    f2: np.ndarray,
-    *,
-    num_subsets: int = 100,
-    max_subset_size: int = 1000,
-    seed: int = 0,
-) -> float:
-    """KID via clean-fid's ``kernel_distance``; numpy's global RNG is seeded, then restored."""
-    f1, f2 = _check_features(f1, f2)
-    state = np.random.get_state()
-    try:
-        np.random.seed(seed)
-        return float(cleanfid_fid.kernel_distance(f1, f2, num_subsets, max_subset_size))
-    finally:
-        np.random.set_state(state)
 
 
 def inception_weights_path() -> Path:
