@@ -4,6 +4,9 @@ and writes the paths pipeline/paths.py names."""
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +192,23 @@ def test_train_runs_under_the_launcher(stages: dict[str, Any]) -> None:
     cmd = stages["train"]["cmd"]
     launcher = "python -m pipeline.launch --params params.yaml --"
     assert cmd.index(launcher) < cmd.index("python -m torch.distributed.run")
+
+
+def test_the_committed_lock_matches_the_code_and_params() -> None:
+    """`dvc.lock` is written by DVC only: every stage's recorded code and params are those of
+    the tree, so `dvc status` reports no changed dependency that Git tracks (outputs the DVC
+    cache holds may be missing in a fresh clone; the track stage is always changed)."""
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                                 check=True).stdout.split())
+    out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    stale = []
+    for stage, changes in json.loads(out or "{}").items():
+        for change in changes:
+            if not isinstance(change, dict):
+                continue
+            for path, what in change.get("changed deps", {}).items():
+                if path in tracked or isinstance(what, dict):  # a file, or params.yaml's keys
+                    stale.append(f"{stage}: {path} {what}")
+    assert not stale, "dvc.lock is out of date (run `make run` and commit dvc.lock):\n" + "\n".join(
+        stale)
