@@ -10,6 +10,8 @@ extractor needs its weights on disk (found now, not after training).
 
 from __future__ import annotations
 
+from typing import Any
+
 from pipeline.config import FOLDER, Params, ParamsError, dataset_errors
 from pipeline.dataset import dataset_info
 
@@ -33,13 +35,32 @@ def check_buildable(params: Params) -> None:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ParamsError(f"model: the U-Net cannot be built: {first}") from None
     try:
-        make_process(params.process.name, **params.process.factory_kwargs())
+        process = make_process(params.process.name, **params.process.factory_kwargs())
     except (ValueError, TypeError) as exc:
         raise ParamsError(f"process: {exc}") from None
     try:
         train_config(params)  # TrainConfig's own checks
     except ValueError as exc:
         raise ParamsError(f"train: {exc}") from None
+    for name, method in params.methods.items():
+        _check_method(name, method, process)
+
+
+def _check_method(name: str, method: Any, process: Any) -> None:
+    """What the sample stage would skip (``samplers.compatible``: a step count the process or
+    the sampler cannot take) or refuse (a time grid the process cannot space), one line."""
+    from diffusion_core.samplers import compatible
+
+    steps = getattr(method, "steps", None)
+    reason = compatible(method.sampler, process, steps)
+    if reason is not None:
+        raise ParamsError(f"methods.{name}: {reason} (got steps={steps})")
+    if steps is not None:
+        try:
+            process.time_grid(steps, getattr(method, "spacing", "linspace"))
+        except ValueError as exc:
+            raise ParamsError(f"methods.{name}.spacing: {exc} (got "
+                              f"{getattr(method, 'spacing', 'linspace')!r})") from None
 
 
 def _check_inception(params: Params) -> None:
