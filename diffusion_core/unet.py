@@ -329,6 +329,29 @@ class UNet(nn.Module):
         return labels.long()
 
 
+def geometry_errors(
+    image_size: int,
+    channel_mults: Sequence[int],
+    attention_resolutions: Sequence[int],
+    patch_size: int = 1,
+) -> list[tuple[str, str]]:
+    """``(argument, problem)`` for every U-Net shape that does not fit ``image_size``: the patch
+    size must divide the images, each of the ``len(channel_mults) - 1`` downsamplings must halve
+    the grid exactly, and every attention resolution must be one the U-Net reaches. The one
+    rule for :class:`UNet` and for the pipeline's params check."""
+    if image_size % patch_size:
+        return [("patch_size", f"must divide the {image_size}x{image_size} images")]
+    size = image_size // patch_size
+    grid = f"{size}x{size} patch grid" if patch_size > 1 else f"{size}x{size} images"
+    problems = []
+    if size % 2 ** (len(channel_mults) - 1):
+        problems.append(("channel_mults", f"{len(channel_mults)} levels do not divide the {grid}"))
+    resolutions = [size // 2**i for i in range(len(channel_mults))]
+    problems += [("attention_resolutions", f"{r} is not a U-Net resolution {resolutions}")
+                 for r in attention_resolutions if r not in resolutions]
+    return problems
+
+
 def _validate(
     in_channels: int,
     image_size: int,
@@ -357,20 +380,11 @@ def _validate(
         raise ValueError(f"channel_mults must be non-empty positive integers, got {channel_mults}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if image_size % patch_size != 0:
-        raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
-    size = image_size // patch_size
-    factor = 2 ** (len(channel_mults) - 1)
-    if size % factor != 0:
-        where = f"image_size {image_size}" + (f" / patch_size {patch_size} = {size}"
-                                               if patch_size > 1 else "")
-        raise ValueError(f"{where} is not divisible by 2**(len(channel_mults)-1) = {factor}")
-    resolutions = [size // 2**i for i in range(len(channel_mults))]
-    for r in attention_resolutions:
-        if r not in resolutions:
-            raise ValueError(
-                f"attention resolution {r} is never reached; feature-map sizes are {resolutions}"
-            )
+    problems = geometry_errors(image_size, channel_mults, attention_resolutions, patch_size)
+    if problems:
+        name, problem = problems[0]
+        raise ValueError(f"{name}: {problem}")
+    resolutions = [image_size // patch_size // 2**i for i in range(len(channel_mults))]
     attn_channels = {base_channels * channel_mults[-1]} | {
         base_channels * m
         for m, r in zip(channel_mults, resolutions, strict=True)

@@ -468,24 +468,12 @@ def _cross_field_errors(p: Params) -> list[str]:
 
 
 def _architecture_errors(m: ModelParams, size: int) -> list[str]:
-    if size % m.patch_size:
-        return [f"model.patch_size: must divide the {size}x{size} images (got {m.patch_size})"]
-    errors = []
-    size //= m.patch_size
-    grid = f"{size}x{size} patch grid" if m.patch_size > 1 else f"{size}x{size} images"
-    resolutions = [size // 2**i for i in range(len(m.channel_mults))]
-    if size % 2 ** (len(m.channel_mults) - 1):
-        errors.append(
-            f"model.channel_mults: {len(m.channel_mults)} levels do not divide the "
-            f"{grid} (got {m.channel_mults})"
-        )
-    for r in m.attention_resolutions:
-        if r not in resolutions:
-            errors.append(
-                f"model.attention_resolutions: {r} is not a U-Net resolution "
-                f"{resolutions} (got {m.attention_resolutions})"
-            )
-    return errors
+    """The U-Net's own shape rule (``diffusion_core.unet.geometry_errors``) as params errors."""
+    from diffusion_core.unet import geometry_errors
+
+    return [f"model.{name}: {problem} (got {getattr(m, name)})"
+            for name, problem in geometry_errors(size, m.channel_mults, m.attention_resolutions,
+                                                 m.patch_size)]
 
 
 def _method_errors(p: Params) -> list[str]:

@@ -120,8 +120,8 @@ def test_config_round_trip_rebuilds_the_same_network() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (dict(image_size=6, channel_mults=(1, 2, 2)), "divisible by 2"),
-        (dict(attention_resolutions=(2,)), "never reached"),
+        (dict(image_size=6, channel_mults=(1, 2, 2)), "channel_mults: 3 levels do not divide the 6x6"),
+        (dict(attention_resolutions=(2,)), "attention_resolutions: 2 is not a U-Net resolution"),
         (dict(base_channels=6, num_heads=5), "num_heads"),
         (dict(dropout=1.5), "dropout"),
         (dict(channel_mults=()), "channel_mults"),
@@ -153,8 +153,8 @@ def test_patches_fold_pixels_into_channels() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (dict(patch_size=3), "not divisible by patch_size 3"),
-        (dict(patch_size=4), "8 / patch_size 4 = 2 is not divisible by 2"),
+        (dict(patch_size=3), "patch_size: must divide the 8x8 images"),
+        (dict(patch_size=4), "channel_mults: 3 levels do not divide the 2x2 patch grid"),
         (dict(patch_size=0), "patch_size must be an integer >= 1"),
     ],
 )
