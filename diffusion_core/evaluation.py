@@ -152,20 +152,13 @@ class ReferenceStatistics:
         features = _as_features(features, "reference")
         self.mu = features.mean(axis=0)
         self.cov = np.atleast_2d(np.cov(features, rowvar=False))
-        evals, evecs = np.linalg.eigh(self.cov)
-        self.sqrt_cov = (evecs * np.sqrt(np.clip(evals, 0.0, None))) @ evecs.T
+        self.sqrt_cov = _psd_sqrt(self.cov)
         self.trace = float(np.trace(self.cov))
         self.dim = features.shape[1]
 
     def fid_batch(self, mus: np.ndarray, covs: np.ndarray) -> np.ndarray:
         """FIDs ``(B,)`` of sets with means ``(B, D)`` and covariances ``(B, D, D)``."""
-        with _one_blas_thread():
-            inner = self.sqrt_cov @ covs @ self.sqrt_cov
-            inner = 0.5 * (inner + np.swapaxes(inner, -1, -2))
-            eigenvalues = np.linalg.eigvalsh(inner)
-        root_trace = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum(-1)
-        mean_term = ((mus - self.mu) ** 2).sum(-1)
-        return mean_term + np.trace(covs, axis1=-2, axis2=-1) + self.trace - 2.0 * root_trace
+        return _frechet(mus, covs, self.mu, self.sqrt_cov, self.trace)
 
     def fid(self, features: np.ndarray) -> float:
         """FID of one feature set ``(N, D)`` against the reference."""
@@ -218,6 +211,25 @@ def weighted_moments(features: np.ndarray, counts: np.ndarray) -> tuple[np.ndarr
     covs = second.reshape(-1, d, d) - m[:, None, None] * mus[:, :, None] * mus[:, None, :]
     covs /= (m - 1)[:, None, None]
     return mus + centre, covs
+
+
+def _psd_sqrt(covs: np.ndarray) -> np.ndarray:
+    """Symmetric square roots of covariances ``(..., D, D)``, by eigendecomposition."""
+    evals, evecs = np.linalg.eigh(covs)
+    return (evecs * np.sqrt(np.clip(evals, 0.0, None))[..., None, :]) @ np.swapaxes(evecs, -1, -2)
+
+
+def _frechet(mus: np.ndarray, covs: np.ndarray, ref_mus: np.ndarray, ref_roots: np.ndarray,
+             ref_traces: np.ndarray | float) -> np.ndarray:
+    """``|mu - mu_r|^2 + Tr cov + Tr cov_r - 2 Tr (A cov A)^(1/2)`` with ``A = cov_r^(1/2)``
+    (``ref_roots``), for sets ``(B, D)``/``(B, D, D)`` against one reference or one each."""
+    with _one_blas_thread():
+        inner = ref_roots @ covs @ ref_roots
+        inner = 0.5 * (inner + np.swapaxes(inner, -1, -2))
+        eigenvalues = np.linalg.eigvalsh(inner)
+    root_trace = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum(-1)
+    mean_term = ((mus - ref_mus) ** 2).sum(-1)
+    return mean_term + np.trace(covs, axis1=-2, axis2=-1) + ref_traces - 2.0 * root_trace
 
 
 def _as_features(x: np.ndarray, what: str) -> np.ndarray:
@@ -359,15 +371,9 @@ def joint_fid_draws(features: np.ndarray, reference: np.ndarray, plan: JointPlan
         mus, covs = weighted_moments(features, plan.samples[lo : lo + chunk])
         ref_mus, ref_covs = weighted_moments(reference, plan.reference[lo : lo + chunk])
         with _one_blas_thread():
-            evals, evecs = np.linalg.eigh(ref_covs)
-            roots = (evecs * np.sqrt(np.clip(evals, 0.0, None))[:, None, :]) @ np.swapaxes(
-                evecs, -1, -2)
-            inner = roots @ covs @ roots
-            inner = 0.5 * (inner + np.swapaxes(inner, -1, -2))
-            eigenvalues = np.linalg.eigvalsh(inner)
-        root_trace = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum(-1)
-        out[lo : lo + chunk] = (((mus - ref_mus) ** 2).sum(-1) + np.trace(covs, axis1=-2, axis2=-1)
-                                + np.trace(ref_covs, axis1=-2, axis2=-1) - 2.0 * root_trace)
+            roots = _psd_sqrt(ref_covs)
+        out[lo : lo + chunk] = _frechet(mus, covs, ref_mus, roots,
+                                        np.trace(ref_covs, axis1=-2, axis2=-1))
     return out
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _impulse_rng import ImpulseRNG
 from torch import nn
 
 from diffusion_core.analytic import GaussianMixtureDenoiser
@@ -34,24 +35,6 @@ def test_guided_eps_equals_closed_form_score(w):
     # and x0 is consistent with eps through x = alpha x0 + sigma eps
     alpha = p.alpha(t[0]).item()
     assert torch.allclose(alpha * out.x0 + sigma * out.eps, x.detach(), atol=1e-10)
-
-
-class ImpulseRNG(StackedRNG):
-    """Noise that reads off an affine sampler's law: on its k-th draw, image k + 2 gets ones and
-    every other image zeros (as in test_samplers)."""
-
-    def __init__(self, n: int):
-        self.n, self.calls = n, 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def randn(self, shape, dtype=torch.float32):
-        out = torch.zeros(self.n, *shape, dtype=torch.float64)
-        if self.calls + 2 < self.n:
-            out[self.calls + 2] = 1.0
-        self.calls += 1
-        return out
 
 
 def exact_law(sampler, make_denoiser, process, grid, label=None, **kw):

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from _impulse_rng import ImpulseRNG
 
 from diffusion_core.analytic import GaussianDenoiser
 from diffusion_core.processes import VESDE, VPSDE, DiscreteDDPM, SubVPSDE
-from diffusion_core.rng import StackedRNG
 from diffusion_core.samplers import (
     SAMPLERS,
     compatible,
@@ -38,24 +38,6 @@ def assert_moments(x, mu, std_rel):
     # mean per pixel within 5 standard errors, std averaged over pixels within std_rel
     assert (x.mean(0) - mu).abs().max().item() < 5 * STD / N**0.5
     assert x.std(0).mean().item() == pytest.approx(STD, rel=std_rel)
-
-
-class ImpulseRNG(StackedRNG):
-    """Noise that reads off an affine sampler's law: on its k-th draw, image k + 2 gets ones and
-    every other image zeros."""
-
-    def __init__(self, n: int):
-        self.n, self.calls = n, 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def randn(self, shape, dtype=torch.float32):
-        out = torch.zeros(self.n, *shape, dtype=torch.float64)
-        if self.calls + 2 < self.n:
-            out[self.calls + 2] = 1.0
-        self.calls += 1
-        return out
 
 
 def exact_law(sampler, denoiser, process, grid, **kw):
