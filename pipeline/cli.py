@@ -44,6 +44,11 @@ MethodOption = Annotated[
     str,
     typer.Option("--method", "-m", help="A sampling method: a key under `methods:` in params."),
 ]
+MethodsOption = Annotated[
+    list[str] | None,
+    typer.Option("--method", "-m",
+                 help="A method to score (repeatable); default: every method in params."),
+]
 DEFAULT_PARAMS = Path("params.yaml")
 
 
@@ -157,11 +162,12 @@ def sample(params: ParamsOption = DEFAULT_PARAMS, method: MethodOption = ...) ->
 
 
 @app.command()
-def evaluate(params: ParamsOption = DEFAULT_PARAMS, method: MethodOption = ...) -> None:
-    """FID/KID of one method's samples against the training split, with the FID floor."""
+def evaluate(params: ParamsOption = DEFAULT_PARAMS, method: MethodsOption = None) -> None:
+    """FID with intervals, its floor, KID, P/R, D/C and near copies of every method's samples
+    (or of each --method), in one process."""
     from pipeline.evaluate import run
 
-    _run(run, params, method=method)
+    _run(run, params, methods=method)
 
 
 @app.command()

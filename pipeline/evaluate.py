@@ -1,4 +1,6 @@
-"""Stage ``evaluate --method M``: sample quality of one method, with intervals and a verdict.
+"""Stage ``evaluate``: the sample quality of every method (or of ``--method M``), with intervals
+and a verdict. One process scores them all: the splits, the reference features and the
+evaluation classifier are loaded once, and each method costs only its own features and scores.
 
 The protocol is ``diffusion_core.evaluation``'s (see its docstring and the README): the held-out
 test split, which neither the diffusion model nor the evaluation classifier trained on, is split
@@ -39,12 +41,14 @@ along within a batch by the ODE's time).
 
 ``extractor`` names the feature extractor (``classifier`` or ``inception``). Writes
 ``reports/eval/M.json`` (the full record; the track stage logs its numbers to MLflow as
-``<metric>/M``) and its headline numbers to ``metrics/eval/M.json`` (the DVC metric).
+``<metric>/M``) and its headline numbers to ``metrics/eval/M.json`` (the DVC metric) for each
+method, and ``provenance/evaluate.json``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -186,7 +190,6 @@ def _skipped(params: Params, method: str, sample_record: dict[str, Any]) -> dict
     record = {"status": "skipped", "reason": sample_record.get("reason", "sampling was skipped")}
     write_json(paths.eval_record(method), record)
     write_json(paths.eval_metrics(method), headline(record))
-    write_provenance(f"evaluate@{method}", params, method=method)
     print(f"skipped {method}: {record['reason']}")
     return record
 
@@ -211,66 +214,84 @@ def _flat(images: torch.Tensor) -> np.ndarray:
     return images.flatten(1).double().numpy()
 
 
-def run(params: Params, method: str) -> dict[str, Any]:
-    """Score one method's samples; returns the metrics record."""
-    params.method(method)  # a clear error for an unknown name
-    sample_record = read_json(paths.sample_metrics(method))
-    if sample_record.get("status") == "skipped":
-        return _skipped(params, method, sample_record)
+@dataclass(frozen=True)
+class _Shared:
+    """What every method is scored against, loaded once per stage: the splits, the features of
+    the reference half R and the floor half F, and the evaluation classifier (None without one)."""
+
+    device: torch.device
+    train_x: torch.Tensor
+    test_x: torch.Tensor
+    ref_idx: torch.Tensor
+    floor_idx: torch.Tensor
+    ref_f: np.ndarray
+    floor_f: np.ndarray
+    clf: torch.nn.Module | None
+
+
+def _shared(params: Params) -> _Shared:
     device = default_device()
-    samples = _load_samples(method)
-    levels = dataset_info(params).pixel_levels
-    images = from_levels(to_levels(from_uint8(samples["images"]), levels), levels)
-    n = images.shape[0]
-    name, ev = params.evaluate.extractor, params.evaluate
     train_x, _ = load_split(paths.TRAIN_DATA)
     test_x, test_y = load_split(paths.TEST_DATA)
     ref_f, floor_f = _reference(params, test_x, test_y, device)
     try:  # loaded once: features, the unclear share and class accuracy
         clf = load_classifier(device)
     except StageError:  # a dataset without classes: only the inception extractor scores it
-        if name == "classifier":
+        if params.evaluate.extractor == "classifier":
             raise
         clf = None
-    if name == "classifier":
-        with Progress(n, f"{method} features", unit="img", every=ev.batch_size) as bar:
-            sample_f = features(clf, images, ev.batch_size, device, bar.update).numpy()
-    else:
-        sample_f = _inception(images, params, device, f"{method} features")
     ref_idx, floor_idx = held_out_halves(params, test_y)
+    return _Shared(device, train_x, test_x, ref_idx, floor_idx, ref_f, floor_f, clf)
+
+
+def _sample_features(params: Params, method: str, images: torch.Tensor,
+                     shared: _Shared) -> np.ndarray:
+    ev = params.evaluate
+    if ev.extractor != "classifier":
+        return _inception(images, params, shared.device, f"{method} features")
+    with Progress(images.shape[0], f"{method} features", unit="img", every=ev.batch_size) as bar:
+        return features(shared.clf, images, ev.batch_size, shared.device, bar.update).numpy()
+
+
+def _scores(params: Params, method: str, images: torch.Tensor, sample_f: np.ndarray,
+            shared: _Shared) -> dict[str, float]:
+    """The FID, KID, P/R, D/C scores with their floors, and the near copies."""
+    ev = params.evaluate
     with Progress(len(SCORES) + 1, f"{method} scores", unit="score", every=1) as bar:
         metrics: dict[str, float] = score_features(
-            sample_f,
-            ref_f,
-            floor_f,
-            draws=ev.bootstrap,
-            confidence=ev.confidence,
-            kid_subsets=ev.kid_subsets,
-            seed=params.seed,
+            sample_f, shared.ref_f, shared.floor_f, draws=ev.bootstrap,
+            confidence=ev.confidence, kid_subsets=ev.kid_subsets, seed=params.seed,
             callback=lambda score: bar.update(1, done=score),
         )
-        metrics.update(
-            memorisation(
-                _flat(images),
-                _flat(train_x),
-                _flat(test_x[ref_idx]),
-                _flat(test_x[floor_idx]),
-                quantile=ev.near_copy_quantile,
-            )
-        )
+        metrics.update(memorisation(
+            _flat(images), _flat(shared.train_x), _flat(shared.test_x[shared.ref_idx]),
+            _flat(shared.test_x[shared.floor_idx]), quantile=ev.near_copy_quantile,
+        ))
         bar.update(1, done="near_copies")
-    joint = joint_draws(params, sample_f, ref_f)
+    return metrics
+
+
+def score_method(params: Params, method: str, sample_record: dict[str, Any],
+                 shared: _Shared) -> dict[str, Any]:
+    """Score one method's samples (its sample stage wrote ``sample_record``) against
+    ``shared``; writes and returns its record."""
+    samples = _load_samples(method)
+    levels = dataset_info(params).pixel_levels
+    images = from_levels(to_levels(from_uint8(samples["images"]), levels), levels)
+    ev, device = params.evaluate, shared.device
+    sample_f = _sample_features(params, method, images, shared)
+    metrics = _scores(params, method, images, sample_f, shared)
+    joint = joint_draws(params, sample_f, shared.ref_f)
     metrics.update(_bits_per_dim(params, method, device))
-    metrics.update(_unclear(params, clf, images,
-                            test_x[floor_idx][: int(metrics["fid_matched_n"])], device))
+    real = shared.test_x[shared.floor_idx][: int(metrics["fid_matched_n"])]
+    metrics.update(_unclear(params, shared.clf, images, real, device))
     labels = samples.get("labels")
     if labels is not None:
         metrics["class_accuracy"] = classification_accuracy(
-            clf, images, labels, ev.batch_size, device
-        )
+            shared.clf, images, labels, ev.batch_size, device)
     record = {
         "status": "ok",
-        "extractor": name,
+        "extractor": ev.extractor,
         # the first m samples against what m real images score: the same n on both sides
         "verdict": verdict(
             metrics["fid_matched"], metrics["fid_floor_ci_low"], metrics["fid_floor_ci_high"]
@@ -278,20 +299,42 @@ def run(params: Params, method: str) -> dict[str, Any]:
         **metrics,
         "confidence": ev.confidence,
         "nfe": sample_record.get("nfe"),
-        "n_images": n,
-        "n_reference": int(ref_f.shape[0]),
-        "n_floor": int(floor_f.shape[0]),
+        "n_images": images.shape[0],
+        "n_reference": int(shared.ref_f.shape[0]),
+        "n_floor": int(shared.floor_f.shape[0]),
         **joint,
     }
     write_json(paths.eval_record(method), record)
     write_json(paths.eval_metrics(method), headline(record))
-    write_provenance(f"evaluate@{method}", params, method=method)
+    _print_summary(method, metrics, record["verdict"])
+    return record
+
+
+def _print_summary(method: str, metrics: dict[str, float], verdict_text: str) -> None:
     print(
         f"{method}: FID {metrics['fid']:.4g} [{metrics['fid_ci_low']:.4g}, "
         f"{metrics['fid_ci_high']:.4g}]; at m = {metrics['fid_matched_n']:.0f} "
         f"{metrics['fid_matched']:.4g} vs floor {metrics['fid_floor']:.4g} "
         f"[{metrics['fid_floor_ci_low']:.4g}, {metrics['fid_floor_ci_high']:.4g}]: "
-        f"{record['verdict']}; KID x1000 {metrics['kid_x1000']:.3g} +- "
+        f"{verdict_text}; KID x1000 {metrics['kid_x1000']:.3g} +- "
         f"{metrics['kid_x1000_std']:.2g}; P/R {metrics['precision']:.2f}/{metrics['recall']:.2f}"
     )
-    return record
+
+
+def run(params: Params, methods: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Score ``methods`` (default: every method of ``params``) in one process, the splits,
+    reference features and classifier loaded once; returns the records by method name."""
+    names = methods or list(params.methods)
+    for name in names:
+        params.method(name)  # a clear error for an unknown name, before any work
+    sampled = {name: read_json(paths.sample_metrics(name)) for name in names}
+    scored = any(r.get("status") != "skipped" for r in sampled.values())
+    shared = _shared(params) if scored else None
+    records = {}
+    for name, sample_record in sampled.items():
+        if shared is None or sample_record.get("status") == "skipped":
+            records[name] = _skipped(params, name, sample_record)
+        else:
+            records[name] = score_method(params, name, sample_record, shared)
+    write_provenance("evaluate", params, methods=names)
+    return records

@@ -46,13 +46,18 @@ def sample_metrics(method: str) -> Path:
     return Path("metrics/sample") / f"{method}.json"
 
 
+#: the evaluate stage's outputs: one file per method in each
+EVAL_METRICS = Path("metrics/eval")
+EVAL_RECORDS = Path("reports/eval")
+
+
 def eval_metrics(method: str) -> Path:
-    return Path("metrics/eval") / f"{method}.json"
+    return EVAL_METRICS / f"{method}.json"
 
 
 def eval_record(method: str) -> Path:
     """The full evaluation record of one method (intervals, P/R, D/C, verdict, ...)."""
-    return Path("reports/eval") / f"{method}.json"
+    return EVAL_RECORDS / f"{method}.json"
 
 
 def method_files(method: str) -> list[Path]:
@@ -63,7 +68,6 @@ def method_files(method: str) -> list[Path]:
         eval_metrics(method),
         eval_record(method),
         Path("provenance") / f"sample@{method}.json",
-        Path("provenance") / f"evaluate@{method}.json",
         Path("runs/timing") / f"sample@{method}.json",
     ]
 
@@ -71,6 +75,6 @@ def method_files(method: str) -> list[Path]:
 def stale_method_files(configured: set[str]) -> list[Path]:
     """Per-method files of methods no longer in ``params.yaml`` (their stages are gone)."""
     found = {p.stem for p in Path("reports/grids").glob("*.png")}
-    for folder in (Path("metrics/sample"), Path("metrics/eval")):
+    for folder in (Path("metrics/sample"), EVAL_METRICS):
         found |= {p.stem for p in folder.glob("*.json")}
     return [f for m in sorted(found - configured) for f in method_files(m) if f.exists()]

@@ -103,7 +103,7 @@ def method_row(params: Params, name: str) -> dict[str, Any]:
     """The summary of one method from its sample and evaluate records."""
     method = params.methods[name]
     sampled = _read(paths.sample_metrics(name), f"sample@{name}")
-    scored = _read(paths.eval_record(name), f"evaluate@{name}")
+    scored = _read(paths.eval_record(name), "evaluate")
     ext = scored.get("extractor", params.evaluate.extractor)
     status = "ok" if sampled.get("status") == scored.get("status") == "ok" else "skipped"
     return {

@@ -101,14 +101,33 @@ def method_labels(method: Method, n: int, num_classes: int) -> Tensor | None:
     return torch.tensor([classes[i % len(classes)] for i in range(n)], dtype=torch.int64)
 
 
+def tile(images: Tensor, nrow: int, padding: int = 2, pad_value: float = 1.0) -> Tensor:
+    """Images ``(B, C, H, W)`` laid out ``nrow`` per row on a ``(3, ., .)`` canvas of
+    ``pad_value`` with ``padding`` pixels around each, grey images repeated to RGB: the layout
+    of ``torchvision.utils.make_grid``, without importing torchvision (a second of start-up).
+    One image is returned as it is, without padding (as ``make_grid`` does)."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    count, channels, height, width = images.shape
+    if count == 1:
+        return images[0]
+    cols = min(nrow, count)
+    rows = math.ceil(count / cols)
+    cell_h, cell_w = height + padding, width + padding
+    canvas = images.new_full((channels, rows * cell_h + padding, cols * cell_w + padding),
+                             pad_value)
+    for k in range(count):
+        top, left = (k // cols) * cell_h + padding, (k % cols) * cell_w + padding
+        canvas[:, top : top + height, left : left + width] = images[k]
+    return canvas
+
+
 def grid_png(images: Tensor) -> bytes:
     """A PNG grid (10 per row, nearest-upscaled to at least 32 px) of uint8 images."""
-    from torchvision.utils import make_grid
-
     x = images[:GRID_IMAGES].float() / 255.0
     scale = max(1, math.ceil(32 / x.shape[-1]))
     x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
-    grid = make_grid(x, nrow=10, padding=2, pad_value=1.0)
+    grid = tile(x, nrow=10, padding=2, pad_value=1.0)
     return _png(grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 

@@ -134,7 +134,7 @@ def test_stage_outputs_match_paths_module(stages: dict[str, Any]) -> None:
             paths.LOSS_CSV,
         },
         "sample": {paths.samples_dir(key), paths.grid_path(key), paths.sample_metrics(key)},
-        "evaluate": {paths.eval_metrics(key), paths.eval_record(key)},
+        "evaluate": {paths.EVAL_METRICS, paths.EVAL_RECORDS},
         "report": {
             paths.SUMMARY,
             paths.COMPARE,
@@ -152,11 +152,15 @@ def test_stage_outputs_match_paths_module(stages: dict[str, Any]) -> None:
     assert not any(body.get("always_changed") for name, body in stages.items() if name != "track")
 
 
-def test_per_method_stages_track_only_their_method(stages: dict[str, Any]) -> None:
-    for stage in ("sample", "evaluate"):
-        assert stages[stage]["foreach"] == "${methods}"
-        assert "methods" not in stages[stage]["do"]["params"]
+def test_sampling_is_per_method_and_scoring_is_one_stage(stages: dict[str, Any]) -> None:
+    # sampling is the costly part: one stage per method, re-run only when its method changes
+    assert stages["sample"]["foreach"] == "${methods}"
+    assert "methods" not in stages["sample"]["do"]["params"]
     assert "methods.${key}" in stages["sample"]["do"]["params"]
+    # scoring costs well under a second a method: one process for all, re-run on any change
+    assert "foreach" not in stages["evaluate"]
+    assert "methods" in stages["evaluate"]["params"]
+    assert {"runs/samples", "metrics/sample"} <= set(dep_paths(stages["evaluate"]))
 
 
 def test_train_runs_under_torchrun_with_nproc_from_params(stages: dict[str, Any]) -> None:

@@ -187,3 +187,17 @@ def test_nothing_to_plot_still_gives_a_figure(draw) -> None:
     assert pixels(empty).shape == pixels(guidance_tradeoff_png(FAMILY, 2.0)).shape
     assert pixels(empty).min() < 128  # the title and the note are drawn
     assert not blue(rgb(empty)).any()  # and no points
+
+
+@pytest.mark.parametrize(("shape", "nrow"), [((37, 1, 8, 8), 10), ((5, 3, 4, 6), 10),
+                                             ((20, 1, 3, 3), 7), ((1, 1, 2, 2), 10)])
+def test_sample_grids_are_laid_out_as_torchvision_make_grid(shape: tuple[int, ...],
+                                                            nrow: int) -> None:
+    import torch
+    from torchvision.utils import make_grid
+
+    from pipeline.sample import tile
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    expected = make_grid(x, nrow=nrow, padding=2, pad_value=1.0)
+    assert torch.equal(tile(x, nrow=nrow, padding=2, pad_value=1.0), expected)

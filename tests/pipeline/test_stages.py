@@ -195,7 +195,7 @@ def test_unconditional_method_samples_the_null_label(workspace: Path) -> None:
     with contextlib.chdir(workspace):
         sample.run(params, "cond2")
         sample.run(params, "uncond2")
-        scored = evaluate.run(params, "uncond2")
+        scored = evaluate.run(params, ["uncond2"])["uncond2"]
         denoiser, process, _ = sample.load_model(default_device())
     cond = load_checkpoint(workspace / paths.samples_dir("cond2") / "samples.pt")
     uncond = load_checkpoint(workspace / paths.samples_dir("uncond2") / "samples.pt")
@@ -230,7 +230,7 @@ def test_incompatible_sampler_is_recorded_as_skipped(workspace: Path) -> None:
     params = params_with(pc1={"sampler": "pc", "steps": 1})
     with contextlib.chdir(workspace):
         record = sample.run(params, "pc1")
-        scored = evaluate.run(params, "pc1")
+        scored = evaluate.run(params, ["pc1"])["pc1"]
     assert record["status"] == "skipped" and "2 steps" in record["reason"]
     assert read(workspace / paths.sample_metrics("pc1"))["status"] == "skipped"
     assert (workspace / paths.grid_path("pc1")).is_file()
@@ -241,7 +241,7 @@ def test_evaluate_and_report(workspace: Path) -> None:
     params = params_with()
     with contextlib.chdir(workspace):
         sample.run(params, "ddim5")
-        record = evaluate.run(params, "ddim5")
+        record = evaluate.run(params, ["ddim5"])["ddim5"]
         summary = report.run(params)
     # every score sits inside its interval; a 6-step model is far from the data
     assert record["fid_ci_low"] <= record["fid"] <= record["fid_ci_high"]
@@ -280,7 +280,7 @@ def test_report_guidance_tradeoff_from_real_samples(workspace: Path) -> None:
     with contextlib.chdir(workspace):
         for name in params.methods:
             sample.run(params, name)
-            evaluate.run(params, name)
+            evaluate.run(params, [name])
         summary = report.run(params)
     lines = (workspace / paths.GUIDANCE_TRADEOFF).read_text().splitlines()
     assert [line.split(",")[:4] for line in lines[1:]] == [
@@ -333,7 +333,7 @@ def test_bits_per_dim_for_ode_methods(
     with contextlib.chdir(workspace):
         sample.run(params, "rk")
         capsys.readouterr()
-        record = evaluate.run(params, "rk")
+        record = evaluate.run(params, ["rk"])["rk"]
     assert 0.0 < record["bpd"] < 50.0 and record["bpd_std"] >= 0.0
     assert record["bpd_nfe"] > 0
     progress = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("rk bits/dim")]
@@ -352,7 +352,7 @@ def test_more_images_than_held_out_ones(workspace: Path) -> None:
         params = validate_params(raw)
         with contextlib.chdir(workspace):
             sample.run(params, "many")
-            records[n] = evaluate.run(params, "many")
+            records[n] = evaluate.run(params, ["many"])["many"]
     small, large = records[20], records[600]
     assert large["n_images"] == 600 > read(workspace / paths.DATA_INFO)["n_test"]
     # the verdict is taken at the floor's size: all of F, the first |F| samples
@@ -370,7 +370,7 @@ def test_inception_without_weights_is_a_one_line_stage_error(workspace: Path) ->
     with contextlib.chdir(workspace):
         sample.run(validate_params(raw), "ddim5")
         with pytest.raises(StageError, match="evaluate.extractor=inception: .*weights missing"):
-            evaluate.run(validate_params(raw), "ddim5")
+            evaluate.run(validate_params(raw), ["ddim5"])
 
 
 def test_report_needs_every_method(workspace: Path) -> None:
