@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from diffusion_core.checkpoint import load_checkpoint
+from diffusion_core.clean_fid_features import extract_features
 from diffusion_core.data import from_levels, from_uint8, to_levels
 from diffusion_core.distributed import default_device
 from diffusion_core.evaluation import (
@@ -62,13 +63,9 @@ from diffusion_core.evaluation import (
     score_features,
     verdict,
 )
+from diffusion_core.feature_classifier import classification_accuracy, top_probabilities
+from diffusion_core.inception import inception_extractor
 from diffusion_core.likelihood import bits_per_dim
-from diffusion_core.metrics import (
-    classification_accuracy,
-    extract_features,
-    inception_extractor,
-    top_probabilities,
-)
 from pipeline import paths
 from pipeline.classifier import features, held_out_halves, load_classifier
 from pipeline.config import Params, RK45Method

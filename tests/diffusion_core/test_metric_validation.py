@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffusion_core.clean_fid_features import CleanFIDFeatureExtractor, extract_features
 from diffusion_core.data import from_levels, load_dataset, to_levels, train_test_split
 from diffusion_core.evaluation import (
     COMPARE_UNRESOLVED,
@@ -30,7 +31,7 @@ from diffusion_core.evaluation import (
     standardise,
     verdict,
 )
-from diffusion_core.metrics import CleanFIDFeatureExtractor, extract_features, train_classifier
+from diffusion_core.feature_classifier import train_classifier
 
 
 class Setup:
