@@ -61,7 +61,6 @@ from diffusion_core.evaluation import (
     memorisation,
     proportion_interval,
     score_features,
-    verdict,
 )
 from diffusion_core.feature_classifier import classification_accuracy, top_probabilities
 from diffusion_core.inception import inception_extractor
@@ -75,6 +74,7 @@ from pipeline.files import read_json, write_json, write_provenance
 from pipeline.prepare import load_split
 from pipeline.progress import Progress
 from pipeline.sample import load_model
+from pipeline.verdicts import verdict
 
 #: what ``metrics/eval/M.json`` (the DVC metric) keeps of the full record, so that
 #: ``dvc metrics show`` / ``dvc exp show`` fit a terminal; everything is in ``reports/eval/M.json``
