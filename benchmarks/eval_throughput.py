@@ -46,9 +46,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from diffusion_core.clean_fid_features import CleanFIDFeatureExtractor, extract_features
     from diffusion_core.data import load_dataset, train_test_split
     from diffusion_core.evaluation import memorisation, reference_split, score_features
-    from diffusion_core.metrics import CleanFIDFeatureExtractor, extract_features, train_classifier
+    from diffusion_core.feature_classifier import train_classifier
     from pipeline.config import load_params
 
     params = load_params(args.params)

@@ -37,11 +37,11 @@ the pipeline wires them to files. The protocol they implement:
   - the floor (:func:`floor_fid`): a *prediction interval* for the FID of ``n`` fresh real images:
     the fitted centre plus the deviations of a size-``n`` bootstrap of ``F`` (the spread of an
     ``n``-image FID) plus those of a size-``|F|`` bootstrap (the uncertainty of the centre).
-* **Verdicts** (:func:`verdict`): a method's ``fid_matched`` inside the floor's prediction
-  interval (both at ``m``) is
-  "indistinguishable from real data at this n" (the floor interval already holds the spread of an
-  ``n``-image FID, so this is a test at about the stated level); above it "worse than floor";
-  below it "below floor" (better than real data: look at the near-copy fraction).
+* **Against the floor** (:func:`floor_position`): a method's ``fid_matched`` inside the floor's
+  prediction interval (both at ``m``) cannot be told from real data at this ``n`` (the floor
+  interval already holds the spread of an ``n``-image FID, so this is a test at about the stated
+  level); above it, it is worse than real data; below it, better than real data (look at the
+  near-copy fraction). The report's words for the three are ``pipeline.verdicts``.
 * **Paired differences** between two methods (:func:`paired_difference`): every method draws
   image ``i`` from seed ``i`` and is scored against the same ``R``, so a *joint bootstrap*
   (:func:`joint_plan`) resamples the seeds and the reference once for both, and the interval
@@ -95,7 +95,10 @@ __all__ = [
     "reference_split",
     "score_features",
     "standardise",
-    "verdict",
+    "floor_position",
+    "FLOOR_ABOVE",
+    "FLOOR_BELOW",
+    "FLOOR_INSIDE",
     "joint_fid_draws",
     "joint_plan",
     "JointPlan",
@@ -103,9 +106,10 @@ __all__ = [
     "weighted_moments",
 ]
 
-VERDICT_REAL = "indistinguishable from real data at this n"
-VERDICT_WORSE = "worse than floor"
-VERDICT_BELOW = "below floor (check near copies)"
+#: where a FID lies against the floor's prediction interval (:func:`floor_position`)
+FLOOR_ABOVE = "above"
+FLOOR_BELOW = "below"
+FLOOR_INSIDE = "inside"
 _CHUNK_ELEMENTS = 4_000_000  # floats per temporary array in the chunked computations
 #: what :func:`score_features` computes, in order; its ``callback`` sees each name when done
 SCORES = ("fid", "fid_floor", "kid", "kid_floor", "prdc", "prdc_floor")
@@ -624,13 +628,15 @@ def proportion_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float
     return low, 1.0 if k == n else min(1.0, centre + half)
 
 
-def verdict(fid: float, floor_low: float, floor_high: float) -> str:
-    """Whether a FID is inside, above or below the floor's prediction interval."""
+def floor_position(fid: float, floor_low: float, floor_high: float) -> str:
+    """Where ``fid`` lies against the floor's prediction interval ``[floor_low, floor_high]``:
+    :data:`FLOOR_ABOVE` (the samples score worse than as many real images), :data:`FLOOR_BELOW`
+    (better than real images: a sign of near copies) or :data:`FLOOR_INSIDE`."""
     if fid > floor_high:
-        return VERDICT_WORSE
+        return FLOOR_ABOVE
     if fid < floor_low:
-        return VERDICT_BELOW
-    return VERDICT_REAL
+        return FLOOR_BELOW
+    return FLOOR_INSIDE
 
 
 def score_features(
@@ -649,7 +655,7 @@ def score_features(
     Flat names: ``fid``, ``fid_ci_low``, ``fid_ci_high`` (:func:`fid_interval`); ``fid_floor``,
     ``fid_floor_ci_low``, ``fid_floor_ci_high``, ``fid_floor_slope`` (:func:`floor_fid` at
     ``m = fid_matched_n = min(n, |F|)``) and ``fid_matched``, the FID of the first ``m``
-    samples, for the verdict; ``kid_x1000``, ``kid_x1000_std``, ``kid_floor_x1000``,
+    samples, for :func:`floor_position`; ``kid_x1000``, ``kid_x1000_std``, ``kid_floor_x1000``,
     ``kid_floor_x1000_std`` with ``kid_subset_size`` (:func:`kid` on standardised features,
     the same subset size for both); ``precision``, ``recall``, ``density``, ``coverage`` and
     their ``*_floor`` values on the first ``prdc_n = min(n, |F|)`` images of each set

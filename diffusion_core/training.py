@@ -452,23 +452,336 @@ def _check_inputs(images: Tensor, labels: Tensor | None, cfg: TrainConfig, raw: 
         )
 
 
-def _model_file(
-    raw: nn.Module, ema: EMA, process: Any, cfg: TrainConfig, step: int, config_hash: str,
-    guide: tuple[int, dict[str, Tensor]] | None = None,
-) -> dict[str, Any]:
-    extra = {"guide": {"ema": guide[1], "step": guide[0]}} if guide is not None else {}
-    return {
-        "format": MODEL_FORMAT,
-        "model_config": dict(getattr(raw, "config", None) or {}),
-        "ema": _cpu_state(ema.module),
-        "model": _cpu_state(raw),
-        "process": _describe(process),
-        "prediction": cfg.prediction,
-        "step": step,
-        "config_hash": config_hash,
-        "train_config": dataclasses.asdict(cfg),
-        **extra,
-    }
+# --------------------------------------------------------------------------- state and setup
+
+
+@dataclass
+class TrainState:
+    """What one optimiser step changes and a checkpoint keeps: the network (unwrapped), its EMA,
+    the optimiser, the generator of ``t``, the noise and the label dropout, the number of steps
+    done, the last loss read back (mean over ranks), the losses since the last log line and the
+    guide snapshot ``(step, EMA weights after it)``."""
+
+    model: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    noise: torch.Generator
+    step: int = 0
+    loss: float = math.nan
+    window: list[float] = dataclasses.field(default_factory=list)
+    guide: tuple[int, dict[str, Tensor]] | None = None
+
+
+def _build_state(
+    raw: nn.Module, cfg: TrainConfig, dist: DistInfo, ck: dict[str, Any] | None
+) -> tuple[TrainState, nn.Module]:
+    """The fresh state on ``dist.device`` (raw weights from ``ck`` when resuming) and the module
+    the loop calls: ``DistributedDataParallel`` over several processes, whose construction
+    broadcasts rank 0's weights, so it comes before the EMA copies them. AdamW is fused on CUDA
+    (one kernel for all parameters; the CPU path stays the reference one). The weights go
+    channels-last after the EMA copy: only the trained network runs in training."""
+    device = dist.device
+    raw.to(device).train()
+    if ck is not None:
+        raw.load_state_dict(ck["model"])
+    model: nn.Module = raw
+    if dist.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(raw, device_ids=ids)  # broadcasts rank 0
+    ema = EMA(raw, cfg.ema_decay, cfg.ema_warmup, std=cfg.ema_std)
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    raw.to(memory_format=_memory_format(cfg))
+    return TrainState(raw, ema, optimizer, torch.Generator(device=device)), model
+
+
+def _memory_format(cfg: TrainConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+def _resume_source(
+    ckdir: Path, config_hash: str, archive_dir: str | os.PathLike | None, dist: DistInfo
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to continue and its contents (``None, None`` for a fresh start): rank 0
+    finds it (:func:`_find_resume` moves stale and corrupt files aside) and tells the others,
+    which then read it themselves."""
+    ck: dict[str, Any] | None = None
+    resume_path: Path | None = None
+    if dist.is_main:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        archive = Path(archive_dir) if archive_dir is not None else ckdir
+        resume_path, ck = _find_resume(ckdir, config_hash, archive)
+    resume_path = broadcast_object(resume_path)
+    if resume_path is not None and ck is None:
+        ck = load_checkpoint(resume_path, map_location="cpu")
+    return resume_path, ck
+
+
+def _restore(
+    state: TrainState, ck: dict[str, Any], path: Path, cfg: TrainConfig, dist: DistInfo
+) -> None:
+    """Continue from checkpoint ``ck`` (read from ``path``): the EMA, the optimiser, the step,
+    the log window, the guide snapshot and this rank's RNG states (re-seeded from
+    ``(seed, rank, step)`` when the checkpoint was written by another number of processes)."""
+    state.ema.module.load_state_dict(ck["ema"])
+    state.ema.num_updates = int(ck["ema_updates"])
+    state.optimizer.load_state_dict(ck["optimizer"])
+    state.step, state.loss = int(ck["step"]), float(ck["loss"])
+    state.window = [float(v) for v in ck.get("log_window", [])]
+    if "guide_ema" in ck:
+        state.guide = (int(ck["guide_step"]), ck["guide_ema"])
+    _check_guide(state, path, cfg.guide_step)
+    ranks = ck["rng"]["ranks"]
+    if len(ranks) == dist.world_size:
+        _set_rng_state(ranks[dist.rank], dist.device, state.noise)
+    else:
+        rank0_print(
+            f"checkpoint was written by {len(ranks)} process(es), this run has "
+            f"{dist.world_size}: noise streams are re-seeded (the run is not bit-identical to an "
+            "unbroken one)"
+        )
+        _seed_rngs(cfg.seed, dist.rank, state.noise, state.step)
+    rank0_print(f"resuming from {path} at step {state.step}")
+    if state.step > cfg.steps:
+        rank0_print(f"checkpoint step {state.step} is past steps={cfg.steps}; keeping it as is")
+
+
+def _check_guide(state: TrainState, path: Path, guide_step: int) -> None:
+    """A resumed run past the guide step needs the snapshot; one from another step is kept."""
+    if guide_step and state.step >= guide_step and state.guide is None:
+        raise ValueError(
+            f"{path} is past guide step {guide_step} but holds no guide snapshot "
+            "(written without guide_at): give this configuration its own config_hash"
+        )
+    if state.guide is not None and state.guide[0] != guide_step:
+        rank0_print(f"note: the guide snapshot of {path} is from step {state.guide[0]}, "
+                    f"not {guide_step} (steps changed); it is kept")
+
+
+def _keep_guide(state: TrainState, guide_step: int) -> None:
+    """After step ``guide_step``, keep a copy of the EMA weights: the guide of autoguidance."""
+    if state.step == guide_step and state.guide is None:  # a copy: .cpu() would alias
+        state.guide = (state.step, {k: v.detach().to("cpu", copy=True)
+                                    for k, v in state.ema.module.state_dict().items()})
+
+
+def _precision_context(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast of ``cfg.mixed_precision`` on ``device`` (a warning where bf16 is emulated)."""
+    precision = resolve_precision(cfg.mixed_precision, device)
+    if precision == "bf16" and not native_bf16(device):
+        rank0_print(f"warning: mixed_precision='bf16' on a {device.type} without native bf16 "
+                    "(no AVX512-BF16 or AMX): autocast is emulated and slower than fp32; use "
+                    "'auto' or 'fp32'")
+    return _autocast(precision, device)
+
+
+def _compiled(model: nn.Module, cfg: TrainConfig, dist: DistInfo) -> nn.Module:
+    """``model`` under ``torch.compile`` where :func:`use_compile` says so."""
+    if use_compile(cfg, dist.device, dist.world_size):
+        return torch.compile(model, mode=cfg.compile_mode)
+    return model
+
+
+@dataclass(frozen=True)
+class _Batches:
+    """Algorithm 1's ``x_0 ~ q(x_0)``: this rank's shard of global batch ``k``
+    (:class:`BatchSampler`) and its labels, on the training device in the chosen memory format.
+    A dataset under :data:`DEVICE_DATA_BYTES` is copied to the GPU once, not once per step."""
+
+    images: Tensor
+    labels: Tensor | None
+    sampler: BatchSampler
+    device: torch.device
+    memory_format: torch.memory_format
+
+    @classmethod
+    def of(cls, images: Tensor, labels: Tensor | None, cfg: TrainConfig,
+           dist: DistInfo) -> _Batches:
+        device = dist.device
+        on_device = (device.type == "cuda"
+                     and images.numel() * images.element_size() < DEVICE_DATA_BYTES)
+        sampler = BatchSampler(images.shape[0], cfg.batch_size, cfg.seed, dist.rank,
+                               dist.world_size, device=device if on_device else images.device)
+        if on_device:
+            images = images.to(device)
+            labels = labels.to(device) if labels is not None else None
+        return cls(images, labels, sampler, device, _memory_format(cfg))
+
+    def at(self, step: int) -> tuple[Tensor, Tensor | None]:
+        idx = self.sampler.local_batch(step)
+        x0 = self.images[idx].to(self.device, non_blocking=True)
+        x0 = x0.contiguous(memory_format=self.memory_format)
+        if self.labels is None:
+            return x0, None
+        return x0, self.labels[idx.to(self.labels.device)].to(self.device)
+
+
+# ------------------------------------------------------------------------- one step's pieces
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
+    """Set and return the learning rate of 0-based ``step`` (:func:`lr_at`)."""
+    lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_decay, cfg.steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _loss(forward: nn.Module, process: Any, x0: Tensor, y: Tensor | None, cfg: TrainConfig,
+          noise: torch.Generator, null_label: int | None) -> Tensor:
+    """The denoising loss of Algorithm 1 with ``cfg``'s options: ``t ~ p(t)``, ``eps ~ N(0, I)``,
+    ``x_t = alpha(t) x_0 + sigma(t) eps``, the weighted MSE of the prediction
+    (:func:`~diffusion_core.losses.denoising_loss`), all drawn from ``noise``."""
+    return denoising_loss(
+        forward, process, x0, y, prediction=cfg.prediction, generator=noise,
+        p_uncond=cfg.p_uncond, null_label=null_label, weighting=cfg.loss_weighting,
+        min_snr_gamma=cfg.min_snr_gamma, sigma_data=cfg.sigma_data, t_sampling=cfg.t_sampling,
+        p_mean=cfg.p_mean, p_std=cfg.p_std,
+    )
+
+
+def _gradient(state: TrainState, loss: Tensor, grad_clip: float) -> Tensor:
+    """Back-propagate ``loss`` into fresh gradients and clip their norm to ``grad_clip`` (0: no
+    clipping); returns the norm before clipping."""
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    return torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm)
+
+
+def _checkpoint_due(step: int, cfg: TrainConfig) -> bool:
+    """A checkpoint follows every ``checkpoint_every`` steps (0: none) and the last step."""
+    return (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == cfg.steps
+
+
+def _agreed_signal(signum: int | None, dist: DistInfo) -> int:
+    """The signal all ranks stop for: the largest number any rank received."""
+    agreed = torch.tensor(signum or 0, device=dist.device)
+    if dist.world_size > 1:
+        tdist.all_reduce(agreed, op=tdist.ReduceOp.MAX)
+    return int(agreed.item())
+
+
+class _Monitor:
+    """The NaN guard, the stop agreement and the log of :func:`train`.
+
+    Losses and gradient norms wait on the device and are read back together at a check: every
+    step on the CPU; on a GPU, where a read-back stalls the launch queue, every ``log_every``
+    steps, before every checkpoint and at the last step. Under DDP a check is an all-reduce
+    (the sum of the losses, of the equal gradient norms and of the ranks' stop flags), so every
+    rank checks after the same steps.
+    """
+
+    def __init__(self, cfg: TrainConfig, dist: DistInfo, bar: tqdm,
+                 on_log: Callable[[int, dict[str, float]], None] | None) -> None:
+        self.cfg, self.dist, self.bar, self.on_log = cfg, dist, bar, on_log
+        self.check_every = cfg.log_every if dist.device.type == "cuda" else 1
+        self.pending: list[Tensor] = []
+        self.grad_norm = math.nan
+        self.checked = False
+
+    def check(self, state: TrainState, loss: Tensor, grad_norm: Tensor, signum: int | None,
+              last_ckpt: Path | None) -> bool:
+        """Queue step ``state.step``'s loss and gradient norm; at a check, read the queue back,
+        raise :class:`FloatingPointError` at a non-finite value and return whether any rank
+        received a signal (``False`` between checks)."""
+        device, ws, step = self.dist.device, self.dist.world_size, state.step
+        self.pending.append(torch.stack([loss.detach().double(),
+                                         grad_norm.detach().double().to(device)]))
+        self.checked = (step % self.check_every == 0 or _checkpoint_due(step, self.cfg)
+                        or (ws == 1 and signum is not None))
+        if not self.checked:
+            return False
+        block = torch.stack(self.pending)
+        flag = torch.tensor([1.0 if signum is not None else 0.0], dtype=torch.float64).to(device)
+        if ws > 1:  # sum: mean loss, same grad norm, any stop flag
+            tdist.all_reduce(block)
+            tdist.all_reduce(flag)
+        rows, stop_sum = block.tolist(), float(flag.item())
+        first, self.pending = step - len(rows) + 1, []
+        for j, (loss_sum, norm_sum) in enumerate(rows):
+            state.loss, self.grad_norm = loss_sum / ws, norm_sum / ws
+            if not (math.isfinite(state.loss) and math.isfinite(self.grad_norm)):
+                raise FloatingPointError(
+                    f"non-finite loss {state.loss} (gradient norm {self.grad_norm}) at step "
+                    f"{first + j}; training stopped, the last good checkpoint is {last_ckpt}"
+                )
+            state.window.append(state.loss)
+        return stop_sum > 0
+
+    def log(self, state: TrainState, lr: float) -> None:
+        """Advance the progress bar; every ``log_every`` steps call ``on_log`` on rank 0 with
+        the mean loss since the last call, the learning rate and the gradient norm."""
+        self.bar.update(1)
+        if self.checked:
+            self.bar.set_postfix(loss=f"{state.loss:.4f}", refresh=False)
+        if state.step % self.cfg.log_every == 0:
+            if self.on_log is not None and self.dist.is_main:
+                mean = sum(state.window) / len(state.window)
+                self.on_log(state.step, {"loss": mean, "lr": lr, "grad_norm": self.grad_norm})
+            state.window = []
+
+
+# ---------------------------------------------------------------------------------- files
+
+
+@dataclass(frozen=True)
+class _Checkpoints:
+    """The files :func:`train` writes: ``ckpt-<step>.pt`` in ``folder`` (atomic, rank 0, the
+    last ``keep_last`` kept) and the final model file."""
+
+    folder: Path
+    config_hash: str
+    process: Any
+    cfg: TrainConfig
+    dist: DistInfo
+
+    def save(self, state: TrainState) -> Path:
+        """Write the checkpoint of ``state`` with every rank's RNG states (a collective: every
+        rank calls it); returns its path."""
+        rng = all_gather_object(_rng_state(self.dist.device, state.noise))
+        path = self.folder / checkpoint_name(state.step)
+        if self.dist.is_main:
+            ck = {
+                "format": CHECKPOINT_FORMAT,
+                "step": state.step,
+                "loss": state.loss,
+                "log_window": list(state.window),
+                "model_config": dict(getattr(state.model, "config", None) or {}),
+                "model": _cpu_state(state.model),
+                "ema": _cpu_state(state.ema.module),
+                "ema_updates": state.ema.num_updates,
+                "optimizer": state.optimizer.state_dict(),
+                "rng": {"world_size": self.dist.world_size, "ranks": rng},
+                "config_hash": self.config_hash,
+                "process": _describe(self.process),
+                "prediction": self.cfg.prediction,
+                "train_config": dataclasses.asdict(self.cfg),
+            }
+            if state.guide is not None:
+                ck["guide_step"], ck["guide_ema"] = state.guide
+            save_atomic(ck, path)
+            prune_checkpoints(self.folder, self.cfg.keep_last)
+        return path
+
+    def save_model(self, state: TrainState, path: Path) -> None:
+        """Rank 0 writes the model file that sampling loads (see :func:`train`)."""
+        if not self.dist.is_main:
+            return
+        guide = state.guide
+        extra = {"guide": {"ema": guide[1], "step": guide[0]}} if guide is not None else {}
+        save_atomic({
+            "format": MODEL_FORMAT,
+            "model_config": dict(getattr(state.model, "config", None) or {}),
+            "ema": _cpu_state(state.ema.module),
+            "model": _cpu_state(state.model),
+            "process": _describe(self.process),
+            "prediction": self.cfg.prediction,
+            "step": state.step,
+            "config_hash": self.config_hash,
+            "train_config": dataclasses.asdict(self.cfg),
+            **extra,
+        }, path)
 
 
 def _describe(process: Any) -> dict[str, Any]:
@@ -496,14 +809,15 @@ def train(
 ) -> TrainResult:
     """Train ``net`` on ``images`` (``(N, C, H, W)`` in ``[-1, 1]``) and optional ``labels``.
 
-    Resumes from the newest checkpoint in ``checkpoint_dir`` whose ``config_hash`` matches (a
-    different hash is moved aside, never continued). Writes ``ckpt-<step>.pt`` every
-    ``cfg.checkpoint_every`` steps and at the end, and a final ``model_path`` (default
-    ``checkpoint_dir/model.pt``: ``{"model_config", "ema", "model", "process", "prediction",
-    "step", ...}``, with ``"guide": {"ema", "step"}`` when ``cfg.guide_at > 0``) that sampling
-    loads with ``UNet(**m["model_config"])`` and ``m["ema"]``.
-    ``on_log(step, {"loss", "lr", "grad_norm"})`` runs on rank 0 every ``cfg.log_every`` steps
-    (``loss`` is the mean since the previous call). ``dist`` comes from
+    Algorithm 1 of Ho et al. 2020: repeat ``x_0 ~ q(x_0)``, ``t ~ p(t)``, ``eps ~ N(0, I)``, a
+    gradient step on the denoising loss, then the EMA update. Resumes from the newest checkpoint
+    in ``checkpoint_dir`` whose ``config_hash`` matches (a different hash is moved aside, never
+    continued). Writes ``ckpt-<step>.pt`` every ``cfg.checkpoint_every`` steps and at the end,
+    and a final ``model_path`` (default ``checkpoint_dir/model.pt``: ``{"model_config", "ema",
+    "model", "process", "prediction", "step", ...}``, with ``"guide": {"ema", "step"}`` when
+    ``cfg.guide_at > 0``) that sampling loads with ``UNet(**m["model_config"])`` and
+    ``m["ema"]``. ``on_log(step, {"loss", "lr", "grad_norm"})`` runs on rank 0 every
+    ``cfg.log_every`` steps (``loss`` is the mean since the previous call). ``dist`` comes from
     :func:`diffusion_core.distributed.setup_distributed` (default: one process, CUDA if
     available). Checkpoints of another configuration and unreadable ones are moved to
     ``archive_dir`` (default ``checkpoint_dir``; give a folder outside a DVC-cached
@@ -511,226 +825,48 @@ def train(
     order, signals and the NaN guard.
     """
     dist = dist or DistInfo.single()
-    device, ws = dist.device, dist.world_size
     raw = unwrap_model(net)
     _check_inputs(images, labels, cfg, raw)
-    # a small dataset lives on the GPU: no host-to-device copy per step
-    data_on_device = (device.type == "cuda"
-                      and images.numel() * images.element_size() < DEVICE_DATA_BYTES)
-    sampler = BatchSampler(images.shape[0], cfg.batch_size, cfg.seed, dist.rank, ws,
-                           device=device if data_on_device else images.device)
-    precision = resolve_precision(cfg.mixed_precision, device)
-    if precision == "bf16" and not native_bf16(device):
-        rank0_print(f"warning: mixed_precision='bf16' on a {device.type} without native bf16 "
-                    "(no AVX512-BF16 or AMX): autocast is emulated and slower than fp32; use "
-                    "'auto' or 'fp32'")
-    autocast = _autocast(precision, device)
-    ckdir = Path(checkpoint_dir)
-    model_path = Path(model_path) if model_path is not None else ckdir / "model.pt"
-
-    # -- find what to resume from (rank 0 moves stale/corrupt files, then tells the others)
-    ck: dict[str, Any] | None = None
-    resume_path: Path | None = None
-    if dist.is_main:
-        ckdir.mkdir(parents=True, exist_ok=True)
-        archive = Path(archive_dir) if archive_dir is not None else ckdir
-        resume_path, ck = _find_resume(ckdir, config_hash, archive)
-    resume_path = broadcast_object(resume_path)
-    if resume_path is not None and ck is None:
-        ck = load_checkpoint(resume_path, map_location="cpu")
-
-    # -- model, EMA, optimiser, RNG
-    raw.to(device).train()
-    if ck is not None:
-        raw.load_state_dict(ck["model"])
-    model: nn.Module = raw
-    if ws > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(raw, device_ids=ids)  # broadcasts rank 0
-    ema = EMA(raw, cfg.ema_decay, cfg.ema_warmup, std=cfg.ema_std)
-    # fused AdamW: one kernel for all parameters on CUDA (the CPU path stays the reference one)
-    optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
-    if data_on_device:
-        images = images.to(device)
-        labels = labels.to(device) if labels is not None else None
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    raw.to(memory_format=memory_format)
-    noise = torch.Generator(device=device)
-    step, loss_value, window = 0, float("nan"), []
-    guide: tuple[int, dict[str, Tensor]] | None = None  # (step, EMA weights after it)
+    batches = _Batches.of(images, labels, cfg, dist)
+    autocast = _precision_context(cfg, dist.device)
+    files = _Checkpoints(Path(checkpoint_dir), config_hash, process, cfg, dist)
+    resume_path, ck = _resume_source(files.folder, config_hash, archive_dir, dist)
+    state, model = _build_state(raw, cfg, dist, ck)
     if ck is None:
-        _seed_rngs(cfg.seed, dist.rank, noise)
+        _seed_rngs(cfg.seed, dist.rank, state.noise)
     else:
-        ema.module.load_state_dict(ck["ema"])
-        ema.num_updates = int(ck["ema_updates"])
-        optimizer.load_state_dict(ck["optimizer"])
-        step, loss_value = int(ck["step"]), float(ck["loss"])
-        window = [float(v) for v in ck.get("log_window", [])]
-        if "guide_ema" in ck:
-            guide = (int(ck["guide_step"]), ck["guide_ema"])
-        if cfg.guide_step and step >= cfg.guide_step and guide is None:
-            raise ValueError(
-                f"{resume_path} is past guide step {cfg.guide_step} but holds no guide snapshot "
-                "(written without guide_at): give this configuration its own config_hash"
-            )
-        if guide is not None and guide[0] != cfg.guide_step:
-            rank0_print(f"note: the guide snapshot of {resume_path} is from step {guide[0]}, "
-                        f"not {cfg.guide_step} (steps changed); it is kept")
-        ranks = ck["rng"]["ranks"]
-        if len(ranks) == ws:
-            _set_rng_state(ranks[dist.rank], device, noise)
-        else:
-            rank0_print(
-                f"checkpoint was written by {len(ranks)} process(es), this run has {ws}: "
-                "noise streams are re-seeded (the run is not bit-identical to an unbroken one)"
-            )
-            _seed_rngs(cfg.seed, dist.rank, noise, step)
-        rank0_print(f"resuming from {resume_path} at step {step}")
-        if step > cfg.steps:
-            rank0_print(f"checkpoint step {step} is past steps={cfg.steps}; keeping it as is")
-    forward = torch.compile(model, mode=cfg.compile_mode) if use_compile(cfg, device, ws) else model
-    null_label = getattr(raw, "null_label", None)
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    last_ckpt: Path | None = resume_path
-
-    def save_checkpoint() -> Path:
-        rng = all_gather_object(_rng_state(device, noise))  # a collective: every rank calls it
-        path = ckdir / checkpoint_name(step)
-        if dist.is_main:
-            state = {
-                "format": CHECKPOINT_FORMAT,
-                "step": step,
-                "loss": loss_value,
-                "log_window": list(window),
-                "model_config": dict(getattr(raw, "config", None) or {}),
-                "model": _cpu_state(raw),
-                "ema": _cpu_state(ema.module),
-                "ema_updates": ema.num_updates,
-                "optimizer": optimizer.state_dict(),
-                "rng": {"world_size": ws, "ranks": rng},
-                "config_hash": config_hash,
-                "process": _describe(process),
-                "prediction": cfg.prediction,
-                "train_config": dataclasses.asdict(cfg),
-            }
-            if guide is not None:
-                state["guide_step"], state["guide_ema"] = guide
-            save_atomic(state, path)
-            prune_checkpoints(ckdir, cfg.keep_last)
-        return path
-
-    interrupted_by: int | None = None
-    # losses and gradient norms wait on the device until the next check (NaN guard, logging)
-    pending: list[Tensor] = []
-    check_every = cfg.log_every if device.type == "cuda" else 1
-    norm_value = float("nan")
-    bar = tqdm(
-        total=cfg.steps,
-        initial=min(step, cfg.steps),
-        disable=not (progress and dist.is_main),
-        desc="train",
-        dynamic_ncols=True,
-    )
-    try:
-        with _StopOnSignal(dist.rank) as stop:
-            for k in range(step, cfg.steps):
-                idx = sampler.local_batch(k)
-                x0 = images[idx].to(device, non_blocking=True)
-                x0 = x0.contiguous(memory_format=memory_format)
-                y = labels[idx.to(labels.device)].to(device) if labels is not None else None
-                lr = lr_at(k, cfg.lr, cfg.warmup_steps, cfg.lr_decay, cfg.steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with autocast:
-                    loss = denoising_loss(
-                        forward,
-                        process,
-                        x0,
-                        y,
-                        prediction=cfg.prediction,
-                        generator=noise,
-                        p_uncond=cfg.p_uncond,
-                        null_label=null_label,
-                        weighting=cfg.loss_weighting,
-                        min_snr_gamma=cfg.min_snr_gamma,
-                        sigma_data=cfg.sigma_data,
-                        t_sampling=cfg.t_sampling,
-                        p_mean=cfg.p_mean,
-                        p_std=cfg.p_std,
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm)
-                pending.append(torch.stack([loss.detach().double(),
-                                            grad_norm.detach().double().to(device)]))
-                step = k + 1
-                periodic = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
-                checked = (step % check_every == 0 or periodic or step == cfg.steps
-                           or (ws == 1 and stop.signum is not None))
-                stop_sum = 0.0
-                if checked:
-                    # one read-back for the steps since the last check (every step on the CPU,
-                    # every log_every steps on a GPU, where a read-back stalls the queue)
-                    block = torch.stack(pending)
-                    flag = torch.tensor([1.0 if stop.signum is not None else 0.0],
-                                        dtype=torch.float64).to(device)
-                    if ws > 1:  # sum: mean loss, same grad norm, any stop flag
-                        tdist.all_reduce(block)
-                        tdist.all_reduce(flag)
-                    rows, stop_sum = block.tolist(), float(flag.item())
-                    first = step - len(rows) + 1
-                    pending = []
-                    for j, (loss_sum, norm_sum) in enumerate(rows):
-                        loss_value, norm_value = loss_sum / ws, norm_sum / ws
-                        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                            raise FloatingPointError(
-                                f"non-finite loss {loss_value} (gradient norm {norm_value}) at "
-                                f"step {first + j}; training stopped, the last good checkpoint "
-                                f"is {last_ckpt}"
-                            )
-                        window.append(loss_value)
-                optimizer.step()
-                ema.update(raw)
-                if step == cfg.guide_step and guide is None:  # a copy: .cpu() would alias
-                    guide = (step, {k: v.detach().to("cpu", copy=True)
-                                    for k, v in ema.module.state_dict().items()})
-                bar.update(1)
-                if checked:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-                if step % cfg.log_every == 0:
-                    if on_log is not None and dist.is_main:
-                        mean = sum(window) / len(window)
-                        on_log(step, {"loss": mean, "lr": lr, "grad_norm": norm_value})
-                    window = []
-                stopping = stop_sum > 0 and step < cfg.steps
-                if periodic or step == cfg.steps or stopping:
-                    last_ckpt = save_checkpoint()
-                if stopping:
-                    signum = torch.tensor(stop.signum or 0, device=device)
-                    if ws > 1:
-                        tdist.all_reduce(signum, op=tdist.ReduceOp.MAX)
-                    interrupted_by = int(signum.item())
-                    rank0_print(
-                        f"stopped by signal {interrupted_by} at step {step}; saved {last_ckpt}"
-                    )
-                    break
-    finally:
-        bar.close()
-
-    written: Path | None = None
+        _restore(state, ck, resume_path, cfg, dist)
+    forward, null_label = _compiled(model, cfg, dist), getattr(raw, "null_label", None)
+    last_ckpt, interrupted_by = resume_path, None
+    bar = tqdm(total=cfg.steps, initial=min(state.step, cfg.steps), desc="train",
+               disable=not (progress and dist.is_main), dynamic_ncols=True)
+    with bar, _StopOnSignal(dist.rank) as stop:
+        monitor = _Monitor(cfg, dist, bar, on_log)
+        for k in range(state.step, cfg.steps):
+            x0, y = batches.at(k)  # x_0 ~ q(x_0)
+            lr = _set_lr(state.optimizer, k, cfg)
+            with autocast:  # t ~ p(t), eps ~ N(0, I), the weighted MSE
+                loss = _loss(forward, process, x0, y, cfg, state.noise, null_label)
+            grad_norm = _gradient(state, loss, cfg.grad_clip)
+            state.step = k + 1
+            signalled = monitor.check(state, loss, grad_norm, stop.signum, last_ckpt)
+            state.optimizer.step()  # the gradient step
+            state.ema.update(raw)  # theta_ema <- d theta_ema + (1 - d) theta
+            _keep_guide(state, cfg.guide_step)
+            monitor.log(state, lr)
+            stopping = signalled and state.step < cfg.steps
+            if _checkpoint_due(state.step, cfg) or stopping:
+                last_ckpt = files.save(state)
+            if stopping:
+                interrupted_by = _agreed_signal(stop.signum, dist)
+                rank0_print(f"stopped by signal {interrupted_by} at step {state.step}; "
+                            f"saved {last_ckpt}")
+                break
+    model_file = Path(model_path) if model_path is not None else files.folder / "model.pt"
     if interrupted_by is None:
-        if dist.is_main:
-            save_atomic(_model_file(raw, ema, process, cfg, step, config_hash, guide),
-                        model_path)
-        written = model_path
+        files.save_model(state, model_file)
     barrier()
-    return TrainResult(
-        step=step,
-        loss=loss_value,
-        checkpoint=last_ckpt,
-        model_path=written,
-        resumed=resume_path is not None,
-        interrupted=interrupted_by is not None,
-        signal=interrupted_by,
-    )
+    return TrainResult(step=state.step, loss=state.loss, checkpoint=last_ckpt,
+                       model_path=model_file if interrupted_by is None else None,
+                       resumed=resume_path is not None, interrupted=interrupted_by is not None,
+                       signal=interrupted_by)

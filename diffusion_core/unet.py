@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -206,51 +207,19 @@ class UNet(nn.Module):
         self.null_label: int | None = num_classes if num_classes > 0 else None
         self.patch_size = int(patch_size)
         patched_channels = in_channels * self.patch_size**2
-
-        emb_dim = 4 * base_channels
+        # modules are created (and drawn from the RNG) and registered in this order: it fixes
+        # the state-dict keys of checkpoints and the initial weights of a seed
+        spec = _BlockSpec(4 * base_channels, dropout, num_heads, attention_resolutions)
         self.time_dim = base_channels
-        self.time_mlp = nn.Sequential(
-            nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
-        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
-
-        def attn(ch: int, res: int) -> AttentionBlock | None:
-            return AttentionBlock(ch, num_heads) if res in attention_resolutions else None
-
+        self.time_mlp = _time_mlp(base_channels, spec.emb_dim)
+        self.label_emb = nn.Embedding(num_classes + 1, spec.emb_dim) if num_classes > 0 else None
         self.conv_in = nn.Conv2d(patched_channels, base_channels, 3, padding=1)
-        self.down = nn.ModuleList()
-        skip_channels = [base_channels]
-        ch, res = base_channels, image_size // self.patch_size
-        for level, mult in enumerate(channel_mults):
-            out_ch = base_channels * mult
-            for _ in range(num_res_blocks):
-                self.down.append(_Level(ResBlock(ch, out_ch, emb_dim, dropout), attn(out_ch, res)))
-                ch = out_ch
-                skip_channels.append(ch)
-            if level < len(channel_mults) - 1:
-                self.down.append(Downsample(ch))
-                skip_channels.append(ch)
-                res //= 2
-
-        self.mid = nn.ModuleList(
-            [
-                ResBlock(ch, ch, emb_dim, dropout),
-                AttentionBlock(ch, num_heads),
-                ResBlock(ch, ch, emb_dim, dropout),
-            ]
-        )
-
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mults))):
-            out_ch = base_channels * mult
-            for _ in range(num_res_blocks + 1):
-                block = ResBlock(ch + skip_channels.pop(), out_ch, emb_dim, dropout)
-                self.up.append(_Level(block, attn(out_ch, res)))
-                ch = out_ch
-            if level > 0:
-                self.up.append(Upsample(ch))
-                res *= 2
-
+        levels = (base_channels, channel_mults, num_res_blocks)
+        self.down, skip_channels = _down_path(spec, *levels, image_size // self.patch_size)
+        self.mid = _middle(spec, skip_channels[-1])
+        lowest = image_size // self.patch_size // 2 ** (len(channel_mults) - 1)
+        self.up = _up_path(spec, *levels, skip_channels, lowest)
+        ch = base_channels * channel_mults[0]
         self.norm_out = group_norm(ch)
         self.conv_out = _zero(nn.Conv2d(ch, patched_channels, 3, padding=1))
 
@@ -393,3 +362,74 @@ def _validate(
     for ch in sorted(attn_channels):
         if ch % num_heads != 0:
             raise ValueError(f"attention channels {ch} are not divisible by num_heads {num_heads}")
+
+
+# ------------------------------------------------------------------------ builders of the U-Net
+
+
+@dataclass(frozen=True)
+class _BlockSpec:
+    """What every block of one U-Net shares: the embedding width, the dropout rate, the number
+    of attention heads and the feature-map sizes that get self-attention."""
+
+    emb_dim: int
+    dropout: float
+    num_heads: int
+    attention_resolutions: tuple[int, ...]
+
+    def level(self, in_ch: int, out_ch: int, res: int) -> _Level:
+        """A residual block, followed by self-attention when ``res`` is an attention size."""
+        block = ResBlock(in_ch, out_ch, self.emb_dim, self.dropout)
+        attn = AttentionBlock(out_ch, self.num_heads) if res in self.attention_resolutions else None
+        return _Level(block, attn)
+
+
+def _time_mlp(time_dim: int, emb_dim: int) -> nn.Sequential:
+    """The two-layer SiLU MLP on the sinusoidal embedding of ``t`` (Ho et al. 2020, App. B)."""
+    return nn.Sequential(nn.Linear(time_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+
+def _down_path(
+    spec: _BlockSpec, base: int, mults: tuple[int, ...], num_res_blocks: int, res: int
+) -> tuple[nn.ModuleList, list[int]]:
+    """The encoder from the ``res x res`` grid: ``num_res_blocks`` levels at each resolution
+    with ``base * mult`` channels, a stride-2 downsampling between resolutions. Returns the
+    modules and the channels of every skip connection (the input convolution's first)."""
+    down, skips, ch = nn.ModuleList(), [base], base
+    for level, mult in enumerate(mults):
+        for _ in range(num_res_blocks):
+            down.append(spec.level(ch, base * mult, res))
+            ch = base * mult
+            skips.append(ch)
+        if level < len(mults) - 1:
+            down.append(Downsample(ch))
+            skips.append(ch)
+            res //= 2
+    return down, skips
+
+
+def _middle(spec: _BlockSpec, ch: int) -> nn.ModuleList:
+    """Residual block, self-attention, residual block at the lowest resolution."""
+    return nn.ModuleList([
+        ResBlock(ch, ch, spec.emb_dim, spec.dropout),
+        AttentionBlock(ch, spec.num_heads),
+        ResBlock(ch, ch, spec.emb_dim, spec.dropout),
+    ])
+
+
+def _up_path(
+    spec: _BlockSpec, base: int, mults: tuple[int, ...], num_res_blocks: int,
+    skip_channels: list[int], res: int,
+) -> nn.ModuleList:
+    """The decoder from the lowest ``res x res`` grid: ``num_res_blocks + 1`` levels at each
+    resolution, each taking one skip connection of the encoder (last first), and an upsampling
+    between resolutions."""
+    up, skips, ch = nn.ModuleList(), list(skip_channels), skip_channels[-1]
+    for level, mult in reversed(list(enumerate(mults))):
+        for _ in range(num_res_blocks + 1):
+            up.append(spec.level(ch + skips.pop(), base * mult, res))
+            ch = base * mult
+        if level > 0:
+            up.append(Upsample(ch))
+            res *= 2
+    return up

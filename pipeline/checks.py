@@ -67,7 +67,7 @@ def _check_inception(params: Params) -> None:
     """``evaluate.extractor: inception`` needs clean-fid's weights; say where before training."""
     if params.evaluate.extractor != "inception":
         return
-    from diffusion_core.metrics import INCEPTION_URL, inception_weights_path
+    from diffusion_core.inception import INCEPTION_URL, inception_weights_path
 
     path = inception_weights_path()
     if not path.is_file():

@@ -20,13 +20,12 @@ from typing import Any
 import torch
 
 from diffusion_core.checkpoint import load_checkpoint, save_atomic
+from diffusion_core.clean_fid_features import CleanFIDFeatureExtractor, extract_features
 from diffusion_core.distributed import default_device
 from diffusion_core.evaluation import reference_split
-from diffusion_core.metrics import (
-    CleanFIDFeatureExtractor,
+from diffusion_core.feature_classifier import (
     FeatureClassifier,
     classification_accuracy,
-    extract_features,
     train_classifier,
 )
 from pipeline import paths

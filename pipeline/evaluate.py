@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from diffusion_core.checkpoint import load_checkpoint
+from diffusion_core.clean_fid_features import extract_features
 from diffusion_core.data import from_levels, from_uint8, to_levels
 from diffusion_core.distributed import default_device
 from diffusion_core.evaluation import (
@@ -64,15 +65,10 @@ from diffusion_core.evaluation import (
     memorisation,
     proportion_interval,
     score_features,
-    verdict,
 )
+from diffusion_core.feature_classifier import classification_accuracy, top_probabilities
+from diffusion_core.inception import inception_extractor
 from diffusion_core.likelihood import bits_per_dim
-from diffusion_core.metrics import (
-    classification_accuracy,
-    extract_features,
-    inception_extractor,
-    top_probabilities,
-)
 from pipeline import paths
 from pipeline.classifier import features, held_out_halves, load_classifier
 from pipeline.config import Params, RK45Method
@@ -82,6 +78,7 @@ from pipeline.files import read_json, write_json, write_provenance
 from pipeline.prepare import load_split
 from pipeline.progress import Progress
 from pipeline.sample import load_model
+from pipeline.verdicts import verdict
 
 #: what ``metrics/eval/M.json`` (the DVC metric) keeps of the full record, so that
 #: ``dvc metrics show`` / ``dvc exp show`` fit a terminal; everything is in ``reports/eval/M.json``

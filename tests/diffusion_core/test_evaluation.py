@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 
 from diffusion_core.evaluation import (
-    VERDICT_BELOW,
-    VERDICT_REAL,
-    VERDICT_WORSE,
+    FLOOR_ABOVE,
+    FLOOR_BELOW,
+    FLOOR_INSIDE,
     ReferenceStatistics,
     compare,
     fid_difference,
     fid_interval,
     floor_fid,
+    floor_position,
     joint_fid_draws,
     joint_plan,
     kid,
@@ -26,7 +27,6 @@ from diffusion_core.evaluation import (
     proportion_interval,
     reference_split,
     standardise,
-    verdict,
 )
 
 D = 4
@@ -235,10 +235,11 @@ def test_reference_split_is_stratified_disjoint_and_seeded() -> None:
     assert np.array_equal(again[0], ref) and not np.array_equal(reference_split(labels, 1)[0], ref)
 
 
-def test_verdicts_against_the_floor() -> None:
-    assert verdict(5.0, 4.0, 6.0) == VERDICT_REAL
-    assert verdict(7.0, 4.0, 6.0) == VERDICT_WORSE
-    assert verdict(3.0, 4.0, 6.0) == VERDICT_BELOW
+def test_position_against_the_floor() -> None:
+    assert floor_position(5.0, 4.0, 6.0) == FLOOR_INSIDE
+    assert floor_position(7.0, 4.0, 6.0) == FLOOR_ABOVE
+    assert floor_position(3.0, 4.0, 6.0) == FLOOR_BELOW
+    assert floor_position(6.0, 4.0, 6.0) == floor_position(4.0, 4.0, 6.0) == FLOOR_INSIDE
 
 
 def test_score_features_compares_with_real_data_at_the_floors_size() -> None:

@@ -14,23 +14,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffusion_core.clean_fid_features import CleanFIDFeatureExtractor, extract_features
 from diffusion_core.data import from_levels, load_dataset, to_levels, train_test_split
 from diffusion_core.evaluation import (
     COMPARE_UNRESOLVED,
     COMPARE_WORSE,
-    VERDICT_REAL,
-    VERDICT_WORSE,
+    FLOOR_ABOVE,
+    FLOOR_INSIDE,
     ReferenceStatistics,
     compare,
     fid_difference,
     fid_interval,
     floor_fid,
+    floor_position,
     prdc,
     reference_split,
     standardise,
-    verdict,
 )
-from diffusion_core.metrics import CleanFIDFeatureExtractor, extract_features, train_classifier
+from diffusion_core.feature_classifier import train_classifier
 
 
 class Setup:
@@ -80,8 +81,8 @@ def test_fid_grows_with_gaussian_noise_and_blur(setup: Setup) -> None:
     assert clean < by_blur[0] < by_blur[1] < by_blur[2]
     n = setup.floor_x.shape[0]
     floor = floor_fid(setup.features(setup.floor_x), setup.ref, n, seed=0)
-    assert verdict(by_noise[-1], floor.low, floor.high) == VERDICT_WORSE
-    assert verdict(by_blur[-1], floor.low, floor.high) == VERDICT_WORSE
+    assert floor_position(by_noise[-1], floor.low, floor.high) == FLOOR_ABOVE
+    assert floor_position(by_blur[-1], floor.low, floor.high) == FLOOR_ABOVE
 
 
 def test_dropped_classes_and_duplicates_lose_diversity(setup: Setup) -> None:
@@ -120,7 +121,7 @@ def test_fresh_held_out_images_land_inside_the_floor_interval(setup: Setup) -> N
     n = fresh.shape[0]
     floor = floor_fid(setup.features(source), setup.ref, n, seed=0)
     fresh_fid = fid_interval(setup.features(fresh), setup.ref, seed=0)
-    assert verdict(fresh_fid.value, floor.low, floor.high) == VERDICT_REAL
+    assert floor_position(fresh_fid.value, floor.low, floor.high) == FLOOR_INSIDE
     assert fresh_fid.low <= floor.high and floor.low <= fresh_fid.high
     worse = setup.fid(noisy(fresh, 0.5))
     assert worse > floor.high

@@ -213,6 +213,27 @@ def test_resume_is_bit_identical_to_one_unbroken_run(tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def _sums(state: dict) -> tuple[float, float]:
+    """Sum and sum of absolute values (float64) over every tensor of a state dict."""
+    return (sum(float(v.double().sum()) for v in state.values()),
+            sum(float(v.double().abs().sum()) for v in state.values()))
+
+
+def test_five_steps_of_a_tiny_unet_give_the_recorded_numbers(tmp_path):
+    """Pins the numbers of a fixed seed (recorded before the loop was split into named
+    functions): the loss of every step and the sums of the raw, EMA and guide weights. Any change
+    to the order of random draws, the optimiser, the EMA or the guide snapshot moves them."""
+    logs = []
+    res = _run(tmp_path, 5, cfg={"guide_at": 0.4}, on_log=lambda s, m: logs.append(m["loss"]))
+    assert logs == pytest.approx([0.7429720163345337, 0.8153170347213745, 0.7865129113197327,
+                                  0.6549901366233826, 0.6977399587631226], rel=1e-6)
+    m = load_checkpoint(res.model_path)
+    assert _sums(m["model"]) == pytest.approx((107.5736157020583, 927.1808559358615), rel=1e-6)
+    assert _sums(m["ema"]) == pytest.approx((110.36096298826033, 920.8394458990961), rel=1e-6)
+    assert m["guide"]["step"] == 2
+    assert _sums(m["guide"]["ema"])[0] == pytest.approx(121.59719176447452, rel=1e-6)
+
+
 def test_weighting_log_normal_t_and_power_ema_resume_bit_identically(tmp_path):
     opts = {"cfg": {"loss_weighting": "min_snr", "t_sampling": "log_normal", "ema_std": 0.1,
                     "prediction": "v"}}

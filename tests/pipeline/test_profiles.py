@@ -14,7 +14,7 @@ import yaml
 from _pipeline_helpers import REPO, default_raw, write_params
 from typer.testing import CliRunner
 
-from diffusion_core.metrics import inception_weights_path
+from diffusion_core.inception import inception_weights_path
 from diffusion_core.processes import make_process
 from diffusion_core.training import train
 from diffusion_core.unet import ResBlock

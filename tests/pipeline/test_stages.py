@@ -16,7 +16,7 @@ from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.data import to_uint8
 from diffusion_core.distributed import default_device
 from diffusion_core.guidance import ClassifierFreeGuidance
-from diffusion_core.metrics import inception_weights_path
+from diffusion_core.inception import inception_weights_path
 from diffusion_core.samplers import generate
 from pipeline import classifier, codec, evaluate, paths, prepare, report, sample, train
 from pipeline.config import Params, ParamsError, validate_params
