@@ -1,6 +1,7 @@
 """One method and one seed give one image whichever path asks: the sample stage, ``diffusion
 generate`` and the MLflow model's ``predict`` all load and sample through
-:mod:`pipeline.sampling`, so the same settings give the same uint8 tensor, bit for bit."""
+:mod:`pipeline.sampling`, so the same settings give the same uint8 tensor, bit for bit (each on
+the default device, in one batch of all the images)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     raw = tiny_raw()
     raw["seed"] = SEED
     raw["train"]["guide_at"] = 0.5  # the model file has a guide snapshot
-    raw["sample"].update(n_images=N, batch_size=4)  # two batches
+    raw["sample"].update(n_images=N, batch_size=N)  # one batch, as the pyfunc draws its rows
     raw["methods"] = {name: case["method"] for name, case in CASES.items()}
     params = validate_params(raw)
     with contextlib.chdir(root):
@@ -77,7 +78,7 @@ def test_generate_gives_the_sample_stages_images(workspace: Path, tmp_path: Path
     out = tmp_path / "gen"
     result = CliRunner().invoke(app, [
         "generate", "--quiet", "--model", str(workspace / paths.MODEL), "-n", str(N),
-        "--seed", str(SEED), "--batch-size", "5", "--no-png", "--device", "cpu",
+        "--seed", str(SEED), "--batch-size", str(N), "--no-png",
         "--out", str(out), *CASES[name]["cli"]])
     assert result.exit_code == 0, result.output
     with np.load(out / "images.npz") as z:
@@ -111,7 +112,7 @@ def test_the_mlflow_model_gives_the_sample_stages_images(workspace: Path, pyfunc
                                                           name: str) -> None:
     case = CASES[name]
     rows = pd.DataFrame({"seed": [SEED + i for i in range(N)], "label": case["labels"]})
-    predicted = pyfunc.predict(rows, params={**case["mlflow"], "device": "cpu"})
+    predicted = pyfunc.predict(rows, params=case["mlflow"])
     assert torch.equal(torch.from_numpy(predicted), stage_images(workspace, name))
 
 
