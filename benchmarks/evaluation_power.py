@@ -68,14 +68,12 @@ def main() -> None:
     from pipeline.config import DDIMMethod, load_params
     from pipeline.dataset import dataset_info
     from pipeline.prepare import load_split
-    from pipeline.sample import load_model, method_labels
-    from pipeline.shards import draw
+    from pipeline.sampling import Recipe, load_model, method_labels, sample_images
 
     params = load_params(args.params)
     n = args.n or params.sample.n_images
     device = torch.device("cpu")
-    denoiser, process, _ = load_model(device)
-    net = denoiser.net
+    model = load_model(device)
     clf = load_classifier(device)
     _, test_y = load_split(paths.TEST_DATA)
     ref_idx, _ = held_out_halves(params, test_y)
@@ -83,15 +81,15 @@ def main() -> None:
     ref_f = ref_f[ref_idx.numpy()]
     stats = ReferenceStatistics(ref_f)
     levels = dataset_info(params).pixel_levels
-    labels = method_labels(DDIMMethod(sampler="ddim", steps=50), n, int(net.num_classes))
+    labels = method_labels(DDIMMethod(sampler="ddim", steps=50), n, model.num_classes)
     plan = joint_plan(n, ref_f.shape[0], params.evaluate.bootstrap, params.seed + 2)
     level = params.evaluate.confidence
 
     def scored(steps: int, first_seed: int) -> tuple[float, np.ndarray]:
-        drawn = draw(denoiser, process, "ddim", indices=list(range(n)), first_seed=first_seed,
-                     labels=labels, shape=(net.in_channels, net.image_size, net.image_size),
-                     batch_size=n, device=device, desc=f"ddim{steps}", steps=steps,
-                     spacing="linspace", eta=0.0)
+        recipe = Recipe("ddim", steps=steps, spacing="linspace", settings={"eta": 0.0})
+        drawn = sample_images(model, model.denoiser, recipe,
+                              seeds=[first_seed + i for i in range(n)], labels=labels,
+                              device=device, desc=f"ddim{steps}")
         images = from_levels(to_levels(from_uint8(drawn.images), levels), levels)  # as evaluate
         f = features(clf, images, params.evaluate.batch_size, device).numpy()
         return stats.fid(f), joint_fid_draws(f, ref_f, plan)

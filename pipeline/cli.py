@@ -267,9 +267,8 @@ def generate(
     sampler: Annotated[str, typer.Option(help="ddpm, ddim, sde, pc, ode_heun, ode_rk45, "
                                          "dpmpp_2m, ... (diffusion_core.samplers).")] = "ddim",
     steps: Annotated[int, typer.Option(help="Sampling steps (ode_rk45 adapts its own).")] = 50,
-    spacing: Annotated[str, typer.Option(help="Time-grid spacing (uniform, quadratic, ...).")] = (
-        "uniform"
-    ),
+    spacing: Annotated[str, typer.Option(help="Time-grid spacing (linspace, quadratic, logsnr, "
+                                         "karras, ...).")] = "linspace",
     guidance: Annotated[float, typer.Option(
         "--guidance", "-w", help="Classifier-free guidance weight w (scale 1 + w); 0 = none.")
     ] = 0.0,
@@ -277,6 +276,9 @@ def generate(
         "--autoguidance", help="Autoguidance weight w against the model's train.guide_at "
         "snapshot (Karras et al. 2024); 0 = none.")
     ] = 0.0,
+    clip_x0: Annotated[bool, typer.Option(
+        "--clip-x0", help="Clamp every x_0 estimate to [-1, 1] (after guidance).")
+    ] = False,
     classes: Annotated[str, typer.Option(
         help="all (cycled), one class (3), a list (1,3,5) or none (the null label).")
     ] = "all",
@@ -304,7 +306,8 @@ def generate(
         os.environ["DIFFUSION_QUIET"] = "1"
     options = GenerateOptions(
         model=model, out=out, sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
-        autoguidance=autoguidance, classes=classes, n=num, seed=seed, batch_size=batch_size, device=device,
+        autoguidance=autoguidance, clip_x0=clip_x0, classes=classes, n=num, seed=seed,
+        batch_size=batch_size, device=device,
         settings=list(settings or []), png=png, npz=npz,
     )
     guard.die_with_parent()

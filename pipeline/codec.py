@@ -24,7 +24,8 @@ from pipeline.config import DDIMMethod, Params, ParamsError
 from pipeline.errors import StageError
 from pipeline.files import file_digest, provenance, write_bytes
 from pipeline.prepare import load_split
-from pipeline.sample import grid_png, load_model
+from pipeline.sample import grid_png
+from pipeline.sampling import load_model
 
 
 def _ddim_method(params: Params, name: str) -> DDIMMethod:

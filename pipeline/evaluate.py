@@ -77,7 +77,7 @@ from pipeline.errors import StageError
 from pipeline.files import read_json, write_json, write_provenance
 from pipeline.prepare import load_split
 from pipeline.progress import Progress
-from pipeline.sample import load_model
+from pipeline.sampling import load_model
 from pipeline.verdicts import verdict
 
 #: what ``metrics/eval/M.json`` (the DVC metric) keeps of the full record, so that

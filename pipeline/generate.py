@@ -13,6 +13,11 @@ Writes into ``--out``: ``{i:05d}_class{c}_seed{s}.png`` (``_uncond_`` for the nu
 image, ``images.npz`` (``images`` as ``N, H, W, C`` uint8, ``labels`` (-1 = null label),
 ``seeds``), ``grid.png`` (the first 100) and ``generate.json`` (the resolved options, model and
 timing). Every bad option is a :class:`OptionError` whose message is one line naming the option.
+
+It loads and samples through :mod:`pipeline.sampling`, as the sample stage does: a method's
+settings given as options (``--sampler``, ``--steps``, ``--spacing``, ``-w``, ``--autoguidance``,
+``--clip-x0``, ``--set KEY=VALUE``) with ``--seed`` the params' ``seed`` and ``--classes`` its
+classes give the sample stage's images, bit for bit.
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ class GenerateOptions:
     out: Path = Path("runs/generated")
     sampler: str = "ddim"
     steps: int = 50
-    spacing: str = "uniform"
+    spacing: str = "linspace"
     guidance: float = 0.0
     autoguidance: float = 0.0
+    clip_x0: bool = False
     classes: str = "all"
     n: int = 64
     seed: int = 0
@@ -212,34 +218,33 @@ def _generate(o: GenerateOptions, settings: dict[str, Any], checkpoint: Path, di
     from diffusion_core.guidance import network_evaluations
     from diffusion_core.samplers import compatible
     from pipeline.files import file_digest, write_bytes, write_json
-    from pipeline.sample import _png, grid_png, guided_denoiser, load_model
+    from pipeline.sample import _png, grid_png
+    from pipeline.sampling import Recipe, guided_denoiser, load_model
     from pipeline.shards import draw, gather, share
 
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     if dist is not None:
         device = dist.device
-    denoiser, process, model_file = load_model(device, checkpoint)
-    net = denoiser.net
-    num_classes = int(getattr(net, "num_classes", 0))
-    labels = parse_classes(o.classes, num_classes, o.n)
+    model = load_model(device, checkpoint)
+    process = model.process
+    labels = parse_classes(o.classes, model.num_classes, o.n)
     if o.guidance > 0 and labels is None:
         raise OptionError(
             f"--guidance: needs class labels from a class-conditional model (got {o.guidance})"
         )
-    steps = None if o.sampler == "ode_rk45" else o.steps
-    reason = compatible(o.sampler, process, steps)
+    recipe = Recipe(o.sampler, steps=o.steps, spacing=o.spacing, guidance=o.guidance,
+                    autoguidance=o.autoguidance, clip_x0=o.clip_x0, settings=settings)
+    reason = compatible(recipe.sampler, process, recipe.steps)
     if reason is not None:
         raise OptionError(f"--steps: {reason}")
     try:
-        process.time_grid(o.steps if steps else 2, o.spacing)
+        process.time_grid(recipe.steps or 2, o.spacing)
     except ValueError as exc:
         raise OptionError(f"--spacing: {exc} (got {o.spacing!r})") from None
     try:
-        guided = guided_denoiser(denoiser, model_file, device, guidance=o.guidance,
-                                 autoguidance=o.autoguidance, option="--autoguidance")
+        guided = guided_denoiser(model, recipe, device, option="--autoguidance")
     except StageError as exc:  # a model without a guide snapshot: a bad option here
         raise OptionError(str(exc)) from None
-    shape = (net.in_channels, net.image_size, net.image_size)
     o.out.mkdir(parents=True, exist_ok=True)
 
     def write_pngs(indices: list[int], images: torch.Tensor) -> None:
@@ -249,10 +254,9 @@ def _generate(o: GenerateOptions, settings: dict[str, Any], checkpoint: Path, di
 
     start = time.perf_counter()
     mine = draw(
-        guided, process, o.sampler, indices=share(o.n, rank, world), first_seed=o.seed,
-        labels=None if labels is None else torch.tensor(labels), shape=shape,
-        batch_size=o.batch_size, device=device, desc="generate",
-        on_batch=write_pngs if o.png else None, steps=o.steps, spacing=o.spacing, **settings,
+        model, guided, recipe, indices=share(o.n, rank, world), first_seed=o.seed,
+        labels=None if labels is None else torch.tensor(labels), batch_size=o.batch_size,
+        device=device, desc="generate", on_batch=write_pngs if o.png else None,
     )
     wall_s = time.perf_counter() - start
     drawn = gather(mine, o.n)  # rank 0 writes the npz and the grid

@@ -10,9 +10,13 @@ Input, one row per image (a pandas DataFrame):
 Params (MLflow inference params, all optional): ``sampler`` (``ddim``; any name of
 ``diffusion_core.samplers.SAMPLERS``), ``steps`` (50), ``guidance`` (classifier-free guidance
 weight ``w``, 0), ``autoguidance`` (its weight against the model's ``train.guide_at``
-snapshot, 0), ``spacing`` (``linspace``), ``device`` (``auto``: CUDA when present).
+snapshot, 0), ``spacing`` (``linspace``), ``clip_x0`` (false), ``settings`` (the sampler's own
+settings as a JSON object, e.g. ``{"eta": 0.5}``; empty: none), ``device`` (``auto``: CUDA when
+present).
 
-Output: ``uint8`` images of shape ``(N, C, H, W)``.
+Output: ``uint8`` images of shape ``(N, C, H, W)``. They are sampled through
+:mod:`pipeline.sampling`, as the sample stage and ``diffusion generate`` sample: a method's
+settings as params and its seeds and labels as rows give the sample stage's images.
 
 Logged from code (``pipeline/mlflow_pyfunc_entry.py``), not pickled: loading the model runs this
 project's installed code on the checkpoint artifact, which is read with ``weights_only=True``::
@@ -25,6 +29,7 @@ project's installed code on the checkpoint artifact, which is read with ``weight
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -33,6 +38,10 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
+
+from diffusion_core.distributed import default_device
+from pipeline.errors import StageError
+from pipeline.sampling import Model, Recipe, guided_denoiser, load_model, sample_images
 
 # MLflow asks for type hints on ``predict``; its validation does not fit a DataFrame + params API
 warnings.filterwarnings("ignore", message=r".*type hints to the `predict` method")
@@ -48,50 +57,67 @@ class DiffusionSampler(mlflow.pyfunc.PythonModel):
         self.checkpoint = Path(context.artifacts["checkpoint"])
         self._loaded: dict[str, Any] = {}
 
-    def _model(self, device: torch.device) -> Any:
+    def _model(self, device: torch.device) -> Model:
         if device.type not in self._loaded:
-            from pipeline.sample import load_model
-
             self._loaded[device.type] = load_model(device, self.checkpoint)
         return self._loaded[device.type]
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 (MLflow reads hints)
-        from diffusion_core.data import to_uint8
-        from diffusion_core.distributed import default_device
-        from diffusion_core.samplers import generate
-        from pipeline.errors import StageError
-        from pipeline.sample import guided_denoiser
-
-        p = {"sampler": "ddim", "steps": 50, "guidance": 0.0, "autoguidance": 0.0,
-             "spacing": "linspace", "device": "auto", **(params or {})}
+        p = {**DEFAULTS, **(params or {})}
         device = default_device() if p["device"] == "auto" else torch.device(p["device"])
-        denoiser, process, model_file = self._model(device)
-        net = denoiser.net
-        seeds = [int(s) for s in model_input["seed"]]
-        labels = None
-        if net.num_classes > 0 and "label" in model_input:
-            raw = np.asarray(model_input["label"], dtype=np.float64)
-            raw = np.where(np.isnan(raw) | (raw < 0), net.num_classes, raw)  # null label
-            if (raw > net.num_classes).any():
-                raise ValueError(f"label must be in 0..{net.num_classes - 1} or -1")
-            labels = torch.as_tensor(raw, dtype=torch.int64)
-        elif "label" in model_input and (np.asarray(model_input["label"]) >= 0).any():
-            raise ValueError("this model is unconditional: leave out `label` or use -1")
-        if float(p["guidance"]) > 0 and labels is None:
+        model = self._model(device)
+        labels = _labels(model_input, model.num_classes)
+        recipe = _recipe(p)
+        if recipe.guidance > 0 and labels is None:
             raise ValueError("guidance needs a class-conditional model and labels")
         try:
-            guided = guided_denoiser(denoiser, model_file, device,
-                                     guidance=float(p["guidance"]),
-                                     autoguidance=float(p["autoguidance"]))
+            guided = guided_denoiser(model, recipe, device)
         except StageError as exc:  # a model without a guide snapshot
             raise ValueError(str(exc)) from None
-        shape = (net.in_channels, net.image_size, net.image_size)
-        with torch.no_grad():
-            out = generate(
-                guided, process, str(p["sampler"]), shape=shape, seeds=seeds, labels=labels,
-                steps=int(p["steps"]), spacing=str(p["spacing"]), device=device,
-            )
-        return to_uint8(out.x.cpu()).numpy()
+        seeds = [int(s) for s in model_input["seed"]]
+        out = sample_images(model, guided, recipe, seeds=seeds, labels=labels, device=device)
+        return out.images.numpy()
+
+
+#: the inference params: MLflow type and default (:func:`signature` declares them)
+PARAMS: dict[str, tuple[str, Any]] = {
+    "sampler": ("string", "ddim"),
+    "steps": ("long", 50),
+    "guidance": ("double", 0.0),
+    "autoguidance": ("double", 0.0),
+    "spacing": ("string", "linspace"),
+    "clip_x0": ("boolean", False),
+    "settings": ("string", ""),
+    "device": ("string", "auto"),
+}
+DEFAULTS: dict[str, Any] = {name: default for name, (_, default) in PARAMS.items()}
+
+
+def _recipe(p: dict[str, Any]) -> Recipe:
+    """The :class:`~pipeline.sampling.Recipe` of the inference params."""
+    try:
+        settings = json.loads(p["settings"]) if str(p["settings"]).strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"settings: expected a JSON object such as {{'eta': 0.5}}: {exc}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"settings: expected a JSON object (got {p['settings']!r})")
+    return Recipe(str(p["sampler"]), steps=int(p["steps"]), spacing=str(p["spacing"]),
+                  guidance=float(p["guidance"]), autoguidance=float(p["autoguidance"]),
+                  clip_x0=bool(p["clip_x0"]), settings=settings)
+
+
+def _labels(model_input: Any, num_classes: int) -> torch.Tensor | None:
+    """The ``label`` column as int64 labels (-1 or missing: the null label ``num_classes``);
+    None for an unconditional model or no column."""
+    if num_classes > 0 and "label" in model_input:
+        raw = np.asarray(model_input["label"], dtype=np.float64)
+        raw = np.where(np.isnan(raw) | (raw < 0), num_classes, raw)  # null label
+        if (raw > num_classes).any():
+            raise ValueError(f"label must be in 0..{num_classes - 1} or -1")
+        return torch.as_tensor(raw, dtype=torch.int64)
+    if "label" in model_input and (np.asarray(model_input["label"]) >= 0).any():
+        raise ValueError("this model is unconditional: leave out `label` or use -1")
+    return None
 
 
 def signature(channels: int, size: int) -> Any:
@@ -102,16 +128,8 @@ def signature(channels: int, size: int) -> Any:
     return ModelSignature(
         inputs=Schema([ColSpec("long", "seed"), ColSpec("long", "label", required=False)]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, channels, size, size))]),
-        params=ParamSchema(
-            [
-                ParamSpec("sampler", "string", "ddim"),
-                ParamSpec("steps", "long", 50),
-                ParamSpec("guidance", "double", 0.0),
-                ParamSpec("autoguidance", "double", 0.0),
-                ParamSpec("spacing", "string", "linspace"),
-                ParamSpec("device", "string", "auto"),
-            ]
-        ),
+        params=ParamSchema([ParamSpec(name, kind, default)
+                            for name, (kind, default) in PARAMS.items()]),
     )
 
 

@@ -37,7 +37,7 @@ from pipeline import paths
 from pipeline.config import Method, Params
 from pipeline.files import write_bytes, write_provenance
 from pipeline.prepare import load_split
-from pipeline.sample import guided_denoiser, load_model, method_labels
+from pipeline.sampling import Recipe, guided_denoiser, load_model, method_labels
 
 PROCESS_DIR = Path("reports/process")
 PICTURE_SEEDS = 4
@@ -230,10 +230,9 @@ def _message(text: str) -> Any:
 def run(params: Params) -> list[Path]:
     """Write every picture into ``reports/process``; returns the files written."""
     device = default_device()
-    denoiser, process, model_file = load_model(device)
-    net = denoiser.net
-    num_classes = int(getattr(net, "num_classes", 0))
-    shape = (net.in_channels, net.image_size, net.image_size)
+    model = load_model(device)
+    denoiser, process = model.denoiser, model.process
+    num_classes, shape = model.num_classes, model.shape
     PROCESS_DIR.mkdir(parents=True, exist_ok=True)
     for old in [*PROCESS_DIR.glob("*.png"), *PROCESS_DIR.glob("*.gif")]:
         old.unlink()
@@ -254,8 +253,7 @@ def run(params: Params) -> list[Path]:
             print(f"pictures: {name}: skipped ({reason})")
             continue
         labels = method_labels(m, PICTURE_SEEDS, num_classes)
-        guided = guided_denoiser(denoiser, model_file, device, guidance=m.guidance,
-                                 autoguidance=m.autoguidance,
+        guided = guided_denoiser(model, Recipe.of_method(m), device,
                                  option=f"methods.{name}.autoguidance")
         chain = reverse_chain(guided, process, sampler, shape=shape, seeds=seeds, labels=labels,
                               steps=steps, device=device, spacing=getattr(m, "spacing", "uniform"),

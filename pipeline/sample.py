@@ -11,7 +11,9 @@ its null label (the unconditional model that label dropout trained); it stores n
 
 Under ``torchrun`` (``sample.nproc`` processes in ``dvc.yaml``) rank ``r`` of ``W`` draws images
 ``r, r + W, r + 2W, ...`` and rank 0 gathers them (:mod:`pipeline.shards`) and writes the files: the
-samples and the grid are those of one process, bit for bit.
+samples and the grid are those of one process, bit for bit. The model is loaded and sampled through
+:mod:`pipeline.sampling`, the path ``diffusion generate`` and the MLflow model take too: the same
+method and seeds give the same images there.
 
 Writes ``runs/samples/M/samples.pt`` (uint8 images, labels, seeds), ``reports/grids/M.png`` and
 ``metrics/sample/M.json``: ``nfe`` counts network evaluations per image (the sampler's denoiser
@@ -26,79 +28,23 @@ from __future__ import annotations
 import io
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from diffusion_core.checkpoint import load_checkpoint, require_keys, save_atomic
-from diffusion_core.cuda_graphs import CUDAGraphNet
-from diffusion_core.denoiser import Denoiser
+from diffusion_core.checkpoint import save_atomic
 from diffusion_core.distributed import DistInfo, barrier, cleanup, setup_distributed
-from diffusion_core.guidance import AutoGuidance, ClassifierFreeGuidance, network_evaluations
-from diffusion_core.processes import NoiseProcess, make_process
+from diffusion_core.guidance import network_evaluations
 from diffusion_core.samplers import compatible
-from diffusion_core.unet import UNet
 from pipeline import paths
 from pipeline.config import Method, Params
 from pipeline.errors import StageError
 from pipeline.files import file_digest, write_bytes, write_json, write_provenance, write_timing
+from pipeline.sampling import Recipe, guided_denoiser, load_model, method_labels
 from pipeline.shards import draw, gather, share
 
 GRID_IMAGES = 100
-
-
-def _network(config: dict[str, Any], state: dict[str, Tensor], device: torch.device):
-    net = UNet(**config)
-    net.load_state_dict(state)
-    net = net.to(device).eval()
-    if device.type == "cuda":  # fixed-shape sampling replays one CUDA graph per batch shape
-        net = CUDAGraphNet(net)
-    return net
-
-
-def load_model(
-    device: torch.device, path: Path = paths.MODEL
-) -> tuple[Denoiser, NoiseProcess, dict[str, Any]]:
-    """The EMA network of ``path`` (``runs/train/model.pt``) as a denoiser, its process and the
-    file's contents. On CUDA the network is replayed from CUDA graphs (:class:`CUDAGraphNet`;
-    about 4 % faster sampling on an H200, the same images; it runs eagerly under autograd)."""
-    try:
-        m = load_checkpoint(path, map_location="cpu")
-    except FileNotFoundError:
-        raise StageError(f"{path} is missing: run the train stage first") from None
-    require_keys(m, path, ("model_config", "ema", "process", "prediction"))
-    process = make_process(**m["process"])
-    net = _network(m["model_config"], m["ema"], device)
-    return Denoiser(net, process, m["prediction"]), process, m
-
-
-def guided_denoiser(denoiser: Denoiser, model_file: dict[str, Any], device: torch.device, *,
-                    guidance: float = 0.0, autoguidance: float = 0.0,
-                    option: str = "autoguidance") -> Any:
-    """``denoiser`` with autoguidance against the model file's guide snapshot (weight
-    ``autoguidance``), then classifier-free guidance (``guidance``); either 0 leaves it out.
-    A model file without a guide is a :class:`StageError` naming ``option``."""
-    guided: Any = denoiser
-    if autoguidance > 0:
-        guide = model_file.get("guide")
-        if guide is None:
-            raise StageError(f"{option}: the model has no guide snapshot; train it with "
-                             f"train.guide_at > 0 (e.g. 0.25) (got {option}={autoguidance})")
-        weak = _network(model_file["model_config"], guide["ema"], device)
-        guided = AutoGuidance(denoiser, Denoiser(weak, denoiser.process, denoiser.prediction),
-                              autoguidance)
-    return ClassifierFreeGuidance(guided, guidance) if guidance > 0 else guided
-
-
-def method_labels(method: Method, n: int, num_classes: int) -> Tensor | None:
-    """Labels ``classes[i % len(classes)]`` of images ``0..n-1``; None (the null label) for an
-    unconditional net or an ``unconditional`` method."""
-    if num_classes == 0 or method.unconditional:
-        return None
-    classes = method.classes if method.classes is not None else list(range(num_classes))
-    return torch.tensor([classes[i % len(classes)] for i in range(n)], dtype=torch.int64)
 
 
 def tile(images: Tensor, nrow: int, padding: int = 2, pad_value: float = 1.0) -> Tensor:
@@ -185,33 +131,26 @@ def run(params: Params, method: str) -> dict[str, Any]:
 def _sample(params: Params, method: str, m: Method, dist: DistInfo) -> dict[str, Any]:
     """Rank ``r`` of ``W`` draws images ``r, r + W, ...``; rank 0 gathers them and writes."""
     device = dist.device
-    denoiser, process, model_file = load_model(device)
-    steps = getattr(m, "steps", None)
-    reason = compatible(m.sampler, process, steps)
+    model = load_model(device)
+    recipe = Recipe.of_method(m)
+    reason = compatible(recipe.sampler, model.process, recipe.steps)
     if reason is not None:
         return _skip(params, method, m, reason) if dist.is_main else {"status": "skipped"}
-    net = denoiser.net
-    guided = guided_denoiser(denoiser, model_file, device, guidance=m.guidance,
-                             autoguidance=m.autoguidance, option=f"methods.{method}.autoguidance")
+    guided = guided_denoiser(model, recipe, device, option=f"methods.{method}.autoguidance")
     n, batch = params.sample.n_images, params.sample.batch_size
     seeds = [params.seed + i for i in range(n)]
-    labels = method_labels(m, n, int(getattr(net, "num_classes", 0)))
-    shape = (net.in_channels, net.image_size, net.image_size)
-    kwargs: dict[str, Any] = {"spacing": getattr(m, "spacing", "linspace"), "clip_x0": m.clip_x0,
-                              **m.settings()}
-    if steps is not None:
-        kwargs["steps"] = steps
+    labels = method_labels(m, n, model.num_classes)
     start = time.perf_counter()
-    mine = draw(guided, process, m.sampler, indices=share(n, dist.rank, dist.world_size),
-                first_seed=params.seed, labels=labels, shape=shape, batch_size=batch,
-                device=device, desc=method, **kwargs)
+    mine = draw(model, guided, recipe, indices=share(n, dist.rank, dist.world_size),
+                first_seed=params.seed, labels=labels, batch_size=batch, device=device,
+                desc=method)
     wall_s = time.perf_counter() - start
     drawn = gather(mine, n)
     calls = float(drawn.nfe.double().mean())
     per_call = network_evaluations(guided, labelled=labels is not None)
     record = {"status": "ok", "nfe": calls * per_call, "denoiser_calls": calls, "n_images": n}
     if dist.is_main:
-        _write(params, method, m, drawn.images, labels, seeds, record, model_file)
+        _write(params, method, m, drawn.images, labels, seeds, record, model.file)
         images_per_s = n / wall_s if wall_s > 0 else None
         write_timing(f"sample@{method}", wall_s=round(wall_s, 3), images_per_s=images_per_s,
                      batch_size=batch, world_size=dist.world_size, device=device.type)

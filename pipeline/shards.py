@@ -1,5 +1,6 @@
 """Sampling shared out over ``torchrun`` ranks, as EDM's ``generate.py`` does it; the sample stage
-and ``diffusion generate`` both draw through here.
+and ``diffusion generate`` both draw through here, and it samples through
+:func:`pipeline.sampling.sample_images`.
 
 Rank ``r`` of ``W`` draws images ``r, r + W, r + 2W, ...`` (:func:`share`) in batches, image ``i``
 from seed ``first_seed + i`` with label ``labels[i]`` (:func:`draw`), and :func:`gather` puts
@@ -7,8 +8,8 @@ every rank's images back in order. An image depends on its seed and label only, 
 it was drawn in, so ``W`` processes give the images of one process, bit for bit (on one kind of
 device). In a single process :func:`share` is every image and :func:`gather` costs one copy::
 
-    mine = draw(denoiser, process, "ddim", indices=share(n, rank, world), first_seed=0,
-                labels=None, shape=(1, 8, 8), batch_size=64, device=device, desc="ddim", steps=50)
+    mine = draw(model, guided, recipe, indices=share(n, rank, world), first_seed=0,
+                labels=None, batch_size=64, device=device, desc="ddim")
     everything = gather(mine, n)  # on every rank; rank 0 writes the files
 """
 
@@ -20,13 +21,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from diffusion_core.data import to_uint8
 from diffusion_core.distributed import all_gather_object
-from diffusion_core.samplers import generate
-from pipeline.progress import Progress
-
-#: samplers with at least this many steps also show a bar per step within each batch
-STEP_BAR_MIN = 100
+from pipeline.sampling import Model, Recipe, sample_images
 
 
 class Drawn(NamedTuple):
@@ -43,55 +39,35 @@ def share(n: int, rank: int, world: int) -> list[int]:
     return list(range(rank, n, world))
 
 
-def step_progress(desc: str, steps: int | None) -> Progress:
-    """A per-step bar for long samplers (``steps >= STEP_BAR_MIN``), else a silent one."""
-    long = steps is not None and steps >= STEP_BAR_MIN
-    return Progress(steps or 0, f"{desc} steps", unit="step", leave=False, enabled=long)
-
-
 def draw(
-    denoiser: Any,
-    process: Any,
-    sampler: str,
+    model: Model,
+    guided: Any,
+    recipe: Recipe,
     *,
     indices: Sequence[int],
     first_seed: int,
     labels: Tensor | None,
-    shape: Sequence[int],
     batch_size: int,
     device: torch.device,
     desc: str,
     on_batch: Callable[[list[int], Tensor], None] | None = None,
-    **settings: Any,
 ) -> Drawn:
     """Draw images ``indices`` (seed ``first_seed + i``, label ``labels[i]`` of all the labels,
-    None for the null label) in batches of ``batch_size``, with a progress bar ``desc`` counting
-    images (rank 0). ``settings`` (``steps``, ``spacing``, ``eta``, ...) go to
-    :func:`diffusion_core.samplers.generate`; ``on_batch(indices, images)`` sees each batch's
-    uint8 images as soon as they are drawn."""
-    steps = None if sampler == "ode_rk45" else settings.get("steps")
-    chunks = [torch.zeros((0, *shape), dtype=torch.uint8)]
-    nfe = [torch.zeros(0, dtype=torch.int64)]
-    bar = Progress(len(indices), desc, unit="img", every=batch_size)
-    with torch.no_grad(), bar:
-        for lo in range(0, len(indices), batch_size):
-            idx = list(indices[lo : lo + batch_size])
-            with step_progress(desc, steps) as step_bar:
-                out = generate(
-                    denoiser, process, sampler, shape=shape,
-                    seeds=[first_seed + i for i in idx],
-                    labels=None if labels is None else labels[idx],
-                    device=device,
-                    callback=step_bar.callback() if step_bar.enabled else None,
-                    **settings,
-                )
-            images = to_uint8(out.x.cpu())
-            if on_batch is not None:
-                on_batch(idx, images)
-            chunks.append(images)
-            nfe.append(torch.full((len(idx),), out.nfe, dtype=torch.int64))
-            bar.update(len(idx), nfe=out.nfe)
-    return Drawn(list(indices), torch.cat(chunks), torch.cat(nfe))
+    None for the null label) with :func:`~pipeline.sampling.sample_images` in batches of
+    ``batch_size``, with a progress bar ``desc`` counting images (rank 0);
+    ``on_batch(indices, images)`` sees each batch's uint8 images as soon as they are drawn."""
+    indices = list(indices)
+
+    def seen(positions: list[int], images: Tensor) -> None:
+        assert on_batch is not None
+        on_batch([indices[k] for k in positions], images)
+
+    out = sample_images(
+        model, guided, recipe, seeds=[first_seed + i for i in indices],
+        labels=None if labels is None else labels[indices], device=device,
+        batch_size=batch_size, desc=desc, on_batch=seen if on_batch is not None else None,
+    )
+    return Drawn(indices, out.images, out.calls)
 
 
 def gather(drawn: Drawn, n: int) -> Drawn:

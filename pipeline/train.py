@@ -199,18 +199,7 @@ def run(params: Params) -> TrainResult:
             )
         log: LossLog | None = None
         if dist.is_main:
-            paths.CHECKPOINTS.mkdir(parents=True, exist_ok=True)
-            _forget_other_runs(config_hash)
-            log = LossLog(paths.CHECKPOINTS / f"loss-{config_hash}.csv")
-            tracker = _open_tracker(params, config_hash)
-            precision = resolve_precision(cfg.mixed_precision, dist.device)
-            if tracker is not None:  # what `auto` became on this machine
-                tracker.set_tags({"train.precision": precision})
-            print(
-                f"training {sum(p.numel() for p in net.parameters()):,} parameters on "
-                f"{images.shape[0]} images ({_device_summary(dist, precision)}), config {config_hash}",
-                flush=True,
-            )
+            log, tracker = _start_main(params, config_hash, cfg, dist, net, images.shape[0])
 
         # one line per log_every steps without a TTY; a bar with loss, lr, images/s and ETA
         bar = Progress(cfg.steps, "train", unit="step", every=1, enabled=dist.is_main)
@@ -258,6 +247,25 @@ def run(params: Params) -> TrainResult:
         if lock is not None:
             lock.release()
         cleanup()
+
+
+def _start_main(params: Params, config_hash: str, cfg: TrainConfig, dist: DistInfo, net: UNet,
+                n_images: int) -> tuple[LossLog, Tracker | None]:
+    """Rank 0, before training: the loss log and MLflow run of ``config_hash`` (older runs'
+    files forgotten) and one line saying what trains where."""
+    paths.CHECKPOINTS.mkdir(parents=True, exist_ok=True)
+    _forget_other_runs(config_hash)
+    log = LossLog(paths.CHECKPOINTS / f"loss-{config_hash}.csv")
+    tracker = _open_tracker(params, config_hash)
+    precision = resolve_precision(cfg.mixed_precision, dist.device)
+    if tracker is not None:  # what `auto` became on this machine
+        tracker.set_tags({"train.precision": precision})
+    print(
+        f"training {sum(p.numel() for p in net.parameters()):,} parameters on "
+        f"{n_images} images ({_device_summary(dist, precision)}), config {config_hash}",
+        flush=True,
+    )
+    return log, tracker
 
 
 def _lock_checkpoints(dist: DistInfo) -> FolderLock | None:

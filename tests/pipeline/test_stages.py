@@ -22,6 +22,7 @@ from pipeline import classifier, codec, evaluate, paths, prepare, report, sample
 from pipeline.config import Params, ParamsError, validate_params
 from pipeline.errors import StageError
 from pipeline.files import file_digest
+from pipeline.sampling import load_model
 
 
 def params_with(**methods: dict[str, Any]) -> Params:
@@ -156,7 +157,7 @@ def test_classes_and_guidance(workspace: Path) -> None:
     with contextlib.chdir(workspace):
         sample.run(params, "guided")
         sample.run(params, "unguided")
-        denoiser, process, _ = sample.load_model(default_device())
+        denoiser, process, _ = load_model(default_device())
     out = load_checkpoint(workspace / paths.samples_dir("guided") / "samples.pt")
     plain = load_checkpoint(workspace / paths.samples_dir("unguided") / "samples.pt")
     assert out["labels"].tolist() == plain["labels"].tolist() == [3, 5] * 10
@@ -196,7 +197,7 @@ def test_unconditional_method_samples_the_null_label(workspace: Path) -> None:
         sample.run(params, "cond2")
         sample.run(params, "uncond2")
         scored = evaluate.run(params, ["uncond2"])["uncond2"]
-        denoiser, process, _ = sample.load_model(default_device())
+        denoiser, process, _ = load_model(default_device())
     cond = load_checkpoint(workspace / paths.samples_dir("cond2") / "samples.pt")
     uncond = load_checkpoint(workspace / paths.samples_dir("uncond2") / "samples.pt")
     assert uncond["labels"] is None
