@@ -58,13 +58,15 @@ def edm_heun(
     callback: Callback | None = None,
     s_churn: float = 0.0,
     s_tmin: float = 0.0,
-    s_tmax: float = float("inf"),
+    s_tmax: float | None = None,
     s_noise: float = 1.0,
 ) -> SampleResult:
-    """Karras et al. 2022, Algorithm 2 (see the module docstring); ``s_churn = 0`` is Algorithm 1."""
+    """Karras et al. 2022, Algorithm 2 (see the module docstring); ``s_churn = 0`` is Algorithm 1.
+    ``s_tmax = None``: no upper bound on the churned noise levels (EDM's ``S_tmax = inf``)."""
     if s_churn < 0 or s_noise < 0:
         raise ValueError(f"s_churn and s_noise must be >= 0, got {s_churn}, {s_noise}")
     check_grid(grid)
+    s_tmax = math.inf if s_tmax is None else s_tmax
     steps = grid.numel() - 1
     nfe = 0
     for i in range(steps):
