@@ -111,7 +111,7 @@ class SamplerSpec:
 
 _LOWER_ORDER_FINAL = Setting(
     "lower_order_final", bool, True,
-    "with fewer than 15 steps, lower the order of the last steps (Lu et al. 2022)")
+    "with few steps, lower the order of the last steps (Lu et al. 2022)")
 
 _SPECS = (
     SamplerSpec("ddpm", "ddpm.ddpm", "DDPM ancestral sampling (Ho et al. 2020, Algorithm 2)",
@@ -160,6 +160,37 @@ _SPECS = (
 
 #: every sampler, by name, in the order of the docs
 SPECS: dict[str, SamplerSpec] = {spec.name: spec for spec in _SPECS}
+
+
+def _yaml(value: Any) -> str:
+    """``value`` as params.yaml writes it."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _constraint(setting: Setting) -> str:
+    choices = (True, False) if setting.type is bool else setting.choices
+    if choices is not None:
+        return " / ".join(f"`{_yaml(c)}`" for c in choices)
+    parts = [f"{sign} {v:g}" for sign, v in ((">=", setting.ge), (">", setting.gt),
+                                              ("<=", setting.le)) if v is not None]
+    return ", ".join(parts) + (" or null" if setting.nullable else "")
+
+
+def settings_table() -> str:
+    """The registry as a markdown table (docs/samplers.md holds it; a test keeps them equal)."""
+    rows = ["| sampler | steps (min) | spacing | setting | default | allowed | meaning |",
+            "|---|---|---|---|---|---|---|"]
+    for spec in SPECS.values():
+        steps = str(spec.min_steps) if spec.takes_steps else "none (adaptive)"
+        spacing = f"`{spec.spacing}`" if spec.takes_steps else ""
+        head = f"| `{spec.name}` | {steps} | {spacing} |"
+        if not spec.settings:
+            rows.append(head + " | | | |")
+        for k, s in enumerate(spec.settings):
+            rows.append((head if k == 0 else "| | | |")
+                        + f" `{s.name}` | `{_yaml(s.default)}` | {_constraint(s)} | "
+                        f"{s.description} |")
+    return "\n".join(rows)
 
 
 def spec_of(sampler: str) -> SamplerSpec:

@@ -132,3 +132,13 @@ def test_setting_problems_at_the_bounds():
     assert spec.steps_problem(2) == ("fake needs at least 3 steps (the last one is the "
                                      "denoising step)")
     assert spec.settings_problem({"x": 0.25}) is None
+
+
+def test_docs_table_is_the_registry():
+    from pathlib import Path
+
+    from diffusion_core.sampler_registry import settings_table
+
+    text = (Path(__file__).parents[2] / "docs" / "samplers.md").read_text()
+    begin, end = "<!-- sampler settings: begin -->\n", "\n<!-- sampler settings: end -->"
+    assert text[text.index(begin) + len(begin):text.index(end)] == settings_table()
