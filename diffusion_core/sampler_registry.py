@@ -193,6 +193,14 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
+def check_settings(sampler: str, **settings: Any) -> None:
+    """Raise a one-line ValueError if ``settings`` break ``sampler``'s declared constraints
+    (each sampler function calls this on its own settings)."""
+    problem = SPECS[sampler].settings_problem(settings)
+    if problem is not None:
+        raise ValueError(problem)
+
+
 def spec_of(sampler: str) -> SamplerSpec:
     """The spec of ``sampler``; a ValueError naming the choices if there is none."""
     if sampler not in SPECS:

@@ -121,6 +121,28 @@ def test_generate_refuses_settings_outside_the_declared_constraints(name, settin
     assert message in str(info.value)
 
 
+def outside(setting: Setting) -> list[object]:
+    """A value just outside each declared constraint of ``setting``."""
+    bounds = [None if setting.ge is None else setting.ge - 1, setting.gt,
+              None if setting.le is None else setting.le + 1]
+    return ([v for v in bounds if v is not None] + (["other"] if setting.choices else [])
+            + ([] if setting.nullable else [None]))
+
+
+BAD = [(n, s.name, v) for n, spec in SPECS.items() for s in spec.settings for v in outside(s)]
+
+
+@pytest.mark.parametrize(("name", "key", "value"), BAD, ids=[f"{n}.{k}={v}" for n, k, v in BAD])
+def test_each_function_refuses_what_its_spec_refuses(name, key, value):
+    """Called directly (not through generate), every sampler checks its settings against the
+    registry: the constraints are declared once."""
+    p = VPSDE()
+    d = GaussianDenoiser(torch.zeros(SHAPE, dtype=torch.float64), 0.5, p)
+    x = torch.zeros(1, *SHAPE, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"^{name}: {key} must"):
+        SAMPLERS[name](d, p, x, p.time_grid(3), rng=torch.Generator(), **{key: value})
+
+
 def test_setting_problems_at_the_bounds():
     s = Setting("x", float, 0.5, "a fraction", gt=0.0, le=1.0)
     assert [s.problem(v) for v in (1e-9, 1, 1.0)] == [None, None, None]
