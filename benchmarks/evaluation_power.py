@@ -65,7 +65,7 @@ def main() -> None:
     )
     from pipeline import paths
     from pipeline.classifier import features, held_out_halves, load_classifier
-    from pipeline.config import DDIMMethod, load_params
+    from pipeline.config import METHOD_MODELS, load_params
     from pipeline.dataset import dataset_info
     from pipeline.prepare import load_split
     from pipeline.sampling import Recipe, load_model, method_labels, sample_images
@@ -81,7 +81,7 @@ def main() -> None:
     ref_f = ref_f[ref_idx.numpy()]
     stats = ReferenceStatistics(ref_f)
     levels = dataset_info(params).pixel_levels
-    labels = method_labels(DDIMMethod(sampler="ddim", steps=50), n, model.num_classes)
+    labels = method_labels(METHOD_MODELS["ddim"](sampler="ddim", steps=50), n, model.num_classes)
     plan = joint_plan(n, ref_f.shape[0], params.evaluate.bootstrap, params.seed + 2)
     level = params.evaluate.confidence
 

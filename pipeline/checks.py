@@ -48,19 +48,19 @@ def check_buildable(params: Params) -> None:
 
 def _check_method(name: str, method: Any, process: Any) -> None:
     """What the sample stage would skip (``samplers.compatible``: a step count the process or
-    the sampler cannot take) or refuse (a time grid the process cannot space), one line."""
-    from diffusion_core.samplers import compatible
+    the sampler cannot take; the sampler's own minimum was refused at validation by the same
+    registry rule) or refuse (a time grid the process cannot space), one line."""
+    from diffusion_core.samplers import compatible, sampling_grid
 
     steps = getattr(method, "steps", None)
     reason = compatible(method.sampler, process, steps)
     if reason is not None:
         raise ParamsError(f"methods.{name}: {reason} (got steps={steps})")
-    if steps is not None:
-        try:
-            process.time_grid(steps, getattr(method, "spacing", "linspace"))
-        except ValueError as exc:
-            raise ParamsError(f"methods.{name}.spacing: {exc} (got "
-                              f"{getattr(method, 'spacing', 'linspace')!r})") from None
+    spacing = getattr(method, "spacing", None)
+    try:
+        sampling_grid(process, method.sampler, steps or 2, spacing)
+    except ValueError as exc:
+        raise ParamsError(f"methods.{name}.spacing: {exc} (got {spacing!r})") from None
 
 
 def _check_inception(params: Params) -> None:

@@ -20,7 +20,7 @@ from diffusion_core.data import from_uint8, to_uint8
 from diffusion_core.distributed import default_device
 from diffusion_core.samplers import ddim, ddim_invert
 from pipeline import paths
-from pipeline.config import DDIMMethod, Params, ParamsError
+from pipeline.config import Method, Params, ParamsError
 from pipeline.errors import StageError
 from pipeline.files import file_digest, provenance, write_bytes
 from pipeline.prepare import load_split
@@ -28,9 +28,9 @@ from pipeline.sample import grid_png
 from pipeline.sampling import load_model
 
 
-def _ddim_method(params: Params, name: str) -> DDIMMethod:
+def _ddim_method(params: Params, name: str) -> Method:
     method = params.method(name)
-    if not isinstance(method, DDIMMethod):
+    if method.sampler != "ddim":
         raise ParamsError(
             f"methods.{name}.sampler: encode/decode need a ddim method (got {method.sampler!r})"
         )

@@ -10,17 +10,22 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
+
+from diffusion_core.sampler_registry import SPECS, SamplerSpec, Setting
 
 
 class DatasetInfo(NamedTuple):
@@ -47,8 +52,6 @@ FOLDER = "folder"
 #: the pixel levels of image files read with Pillow (8 bits per channel)
 FOLDER_PIXEL_LEVELS = 256
 
-SAMPLERS = ("ddpm", "ddim", "sde", "pc", "ode_heun", "ode_rk45",
-            "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "edm_heun")
 METHOD_NAME = r"^[a-z][a-z0-9_-]*$"
 # Train settings that do not change what is learned (the library makes the global batch
 # independent of nproc): changing them keeps checkpoints resumable.
@@ -187,7 +190,8 @@ Spacing = Literal["linspace", "leading", "trailing", "quadratic", "logsnr", "kar
 
 
 class _Method(_Section):
-    """Settings every sampling method shares."""
+    """Settings every sampling method shares; each sampler's model (:data:`METHOD_MODELS`) adds
+    ``sampler``, ``steps`` and ``spacing`` (where it takes steps) and its settings."""
 
     guidance: float = Field(0.0, ge=0.0, description="classifier-free guidance weight w")
     autoguidance: float = Field(
@@ -205,88 +209,49 @@ class _Method(_Section):
 
     def settings(self) -> dict[str, Any]:
         """The sampler-specific keyword arguments of ``samplers.generate``."""
-        common = {"sampler", "guidance", "autoguidance", "classes", "unconditional", "steps",
-                  "spacing", "clip_x0"}
-        return {k: v for k, v in self.model_dump().items() if k not in common}
+        names = SPECS[self.sampler].setting_names()  # type: ignore[attr-defined]
+        return {name: getattr(self, name) for name in names}
 
 
-class DDPMMethod(_Method):
-    sampler: Literal["ddpm"]
-    steps: int = Field(ge=1)
-    spacing: Spacing = "linspace"
-    variance: Literal["posterior", "beta"] = "posterior"
+def _steps_rule(spec: SamplerSpec) -> AfterValidator:
+    """``steps`` checked by the registry's rule (``SamplerSpec.steps_problem``, the one
+    ``samplers.compatible`` applies), with its message."""
+
+    def check(steps: int) -> int:
+        problem = spec.steps_problem(steps)
+        if problem is not None:
+            raise PydanticCustomError("sampler_steps", problem)
+        return steps
+
+    return AfterValidator(check)
 
 
-class DDIMMethod(_Method):
-    sampler: Literal["ddim"]
-    steps: int = Field(ge=1)
-    eta: float = Field(0.0, ge=0.0, le=1.0)
-    spacing: Spacing = "linspace"
+def _setting_field(setting: Setting) -> tuple[Any, Any]:
+    """A registry setting as a pydantic field: its type (or choices), default, bounds."""
+    kind: Any = Literal[setting.choices] if setting.choices else setting.type
+    if setting.nullable:
+        kind = kind | None
+    return kind, Field(setting.default, description=setting.description, **setting.bounds())
 
 
-class SDEMethod(_Method):
-    sampler: Literal["sde"]
-    steps: int = Field(ge=1)
-    spacing: Spacing = "linspace"
+def method_model(spec: SamplerSpec) -> type[_Method]:
+    """The params model of a method using ``spec``'s sampler, derived from the registry: the
+    shared settings of :class:`_Method`, ``sampler``, ``steps`` (at least ``spec.min_steps``)
+    and ``spacing`` (default ``spec.spacing``) unless the sampler is adaptive, and every
+    setting the sampler declares."""
+    fields: dict[str, Any] = {"sampler": (Literal[spec.name], ...)}
+    if spec.takes_steps:
+        fields["steps"] = (Annotated[int, _steps_rule(spec)], Field(description="network steps"))
+        fields["spacing"] = (Spacing, Field(spec.spacing, description="time-grid spacing"))
+    fields.update({s.name: _setting_field(s) for s in spec.settings})
+    title = "".join(part.title() for part in spec.name.split("_")) + "Method"
+    return create_model(title, __base__=_Method, __doc__=spec.summary, **fields)
 
 
-class PCMethod(_Method):
-    sampler: Literal["pc"]
-    steps: int = Field(ge=1)
-    spacing: Spacing = "linspace"
-    snr: float = Field(0.16, gt=0.0)
-    corrector_steps: int = Field(1, ge=0)
-
-
-class HeunMethod(_Method):
-    sampler: Literal["ode_heun"]
-    steps: int = Field(ge=1)
-    spacing: Spacing = "linspace"
-
-
-class RK45Method(_Method):
-    sampler: Literal["ode_rk45"]
-    rtol: float = Field(1.0e-5, gt=0.0)
-    atol: float = Field(1.0e-5, gt=0.0)
-
-
-class DPMSolverMethod(_Method):
-    """DPM-Solver++ 2M / 3M / 2M-SDE (Lu et al. 2022): one evaluation per step."""
-
-    sampler: Literal["dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"]
-    steps: int = Field(ge=1)
-    spacing: Spacing = "logsnr"
-    lower_order_final: bool = True
-
-
-class UniPCMethod(_Method):
-    """UniPC bh2 (Zhao et al. 2023): one evaluation per step."""
-
-    sampler: Literal["unipc"]
-    steps: int = Field(ge=1)
-    order: int = Field(2, ge=1, le=3)
-    spacing: Spacing = "logsnr"
-    lower_order_final: bool = True
-
-
-class EDMHeunMethod(_Method):
-    """EDM Heun with churn (Karras et al. 2022, Algorithm 2): 2 steps - 1 evaluations.
-    ``s_tmin``/``s_tmax`` bound the churned noise levels sigma/alpha (1e3 = above any here)."""
-
-    sampler: Literal["edm_heun"]
-    steps: int = Field(ge=2)
-    spacing: Spacing = "karras"
-    s_churn: float = Field(0.0, ge=0.0)
-    s_tmin: float = Field(0.0, ge=0.0)
-    s_tmax: float = Field(1.0e3, ge=0.0)
-    s_noise: float = Field(1.0, ge=0.0)
-
-
-Method = Annotated[
-    DDPMMethod | DDIMMethod | SDEMethod | PCMethod | HeunMethod | RK45Method
-    | DPMSolverMethod | UniPCMethod | EDMHeunMethod,
-    Field(discriminator="sampler"),
-]
+#: the params model of ``methods.<name>`` per sampler, all derived from the sampler registry
+METHOD_MODELS: dict[str, type[_Method]] = {name: method_model(s) for name, s in SPECS.items()}
+Method = Annotated[Union[tuple(METHOD_MODELS.values())],  # noqa: UP007
+                   Field(discriminator="sampler")]
 MethodName = Annotated[str, Field(pattern=METHOD_NAME)]
 
 
@@ -517,7 +482,7 @@ class ParamsError(ValueError):
 
 def _format_error(err: dict[str, Any]) -> str:
     loc = [str(part) for part in err["loc"]]
-    if len(loc) >= 3 and loc[0] == "methods" and loc[2] in SAMPLERS:
+    if len(loc) >= 3 and loc[0] == "methods" and loc[2] in SPECS:
         del loc[2]  # the discriminated-union tag pydantic inserts
     msg = err["msg"]
     if err["type"] == "value_error" and not loc:
@@ -529,7 +494,7 @@ def _format_error(err: dict[str, Any]) -> str:
     if err["type"] == "union_tag_not_found":
         return f"{'.'.join(loc)}.sampler: Field required"
     if err["type"] == "union_tag_invalid":
-        msg = f"sampler must be one of {', '.join(SAMPLERS)}"
+        msg = f"sampler must be one of {', '.join(SPECS)}"
         got = err.get("input", {}).get("sampler") if isinstance(err.get("input"), dict) else None
         return f"{'.'.join(loc)}.sampler: {msg} (got {got!r})"
     where = ".".join(loc) if loc else "(top level)"

@@ -71,7 +71,7 @@ from diffusion_core.inception import inception_extractor
 from diffusion_core.likelihood import bits_per_dim
 from pipeline import paths
 from pipeline.classifier import features, held_out_halves, load_classifier
-from pipeline.config import Params, RK45Method
+from pipeline.config import Params
 from pipeline.dataset import dataset_info
 from pipeline.errors import StageError
 from pipeline.files import read_json, write_json, write_provenance
@@ -133,7 +133,7 @@ def _bits_per_dim(params: Params, method: str, device: torch.device) -> dict[str
     """Mean and spread of bits/dim of the first ``evaluate.bpd_images`` test images."""
     m = params.methods[method]
     count = params.evaluate.bpd_images
-    if count == 0 or not isinstance(m, RK45Method):
+    if count == 0 or m.sampler != "ode_rk45":
         return {}
     denoiser, process, _ = load_model(device)
     test_x, _ = load_split(paths.TEST_DATA)

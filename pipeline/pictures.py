@@ -256,7 +256,7 @@ def run(params: Params) -> list[Path]:
         guided = guided_denoiser(model, Recipe.of_method(m), device,
                                  option=f"methods.{name}.autoguidance")
         chain = reverse_chain(guided, process, sampler, shape=shape, seeds=seeds, labels=labels,
-                              steps=steps, device=device, spacing=getattr(m, "spacing", "uniform"),
+                              steps=steps, device=device, spacing=getattr(m, "spacing", None),
                               **(m.settings() if sampler == m.sampler else {}))
         total = steps or len(chain)
         frames = [chain_frame(rec, total, name + note) for rec in chain]
@@ -284,7 +284,7 @@ def _sweep(params: Params, denoiser: Any, process: NoiseProcess, num_classes: in
     if guided:
         ws = sorted({0.0, *(m.guidance for m in guided)})
         sampler, steps, _ = picture_plan(guided[0])
-        kwargs = {"spacing": getattr(guided[0], "spacing", "uniform"),
+        kwargs = {"spacing": getattr(guided[0], "spacing", None),
                   **(guided[0].settings() if sampler == guided[0].sampler else {})}
     else:
         ws, sampler, steps, kwargs = list(DEFAULT_W), "ddim", 20, {}

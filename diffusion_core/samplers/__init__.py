@@ -6,11 +6,16 @@
 ``grid`` is a descending time grid from :meth:`NoiseProcess.time_grid` ending at 0; the callback
 receives ``{"i", "t", "x", "x0_pred"}`` after every step. :func:`generate` is the convenience entry
 point: it draws ``x_T`` from the prior with per-image seeds and runs a named sampler.
+
+What each sampler is called, takes and defaults to is declared once, in
+:mod:`diffusion_core.sampler_registry`; ``SAMPLERS``, :func:`compatible` and :func:`generate` read
+it there (a new sampler is its function, its test and one ``SamplerSpec``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from importlib import import_module
 
 import torch
 from torch import Tensor
@@ -18,6 +23,7 @@ from torch import Tensor
 from diffusion_core.denoiser import ClipX0
 from diffusion_core.processes import NoiseProcess
 from diffusion_core.rng import StackedRNG
+from diffusion_core.sampler_registry import SPECS, SamplerSpec, Setting
 from diffusion_core.samplers.base import SampleResult
 from diffusion_core.samplers.ddim import ddim, ddim_invert
 from diffusion_core.samplers.ddpm import ddpm
@@ -27,34 +33,20 @@ from diffusion_core.samplers.ode import dopri5, heun_ode, ode_velocity, rk45_ode
 from diffusion_core.samplers.sde import euler_maruyama, langevin_correct, predictor_corrector
 from diffusion_core.samplers.unipc import unipc
 
-SAMPLERS: dict[str, Callable[..., SampleResult]] = {
-    "ddpm": ddpm,
-    "ddim": ddim,
-    "sde": euler_maruyama,
-    "pc": predictor_corrector,
-    "ode_heun": heun_ode,
-    "ode_rk45": rk45_ode,
-    # fast samplers (issue #12): one evaluation per step, edm_heun two (2N - 1 in all)
-    "dpmpp_2m": dpmpp_2m,
-    "dpmpp_3m": dpmpp_3m,
-    "dpmpp_2m_sde": dpmpp_2m_sde,
-    "unipc": unipc,
-    "edm_heun": edm_heun,
-}
 
-#: settings each sampler accepts beyond the common signature
+def _function(path: str) -> Callable[..., SampleResult]:
+    """The sampler function ``module.name`` of this package."""
+    module, _, name = path.rpartition(".")
+    return getattr(import_module(f"{__name__}.{module}"), name)
+
+
+#: name -> function, in the order of the registry (``diffusion_core.sampler_registry.SPECS``)
+SAMPLERS: dict[str, Callable[..., SampleResult]] = {
+    name: _function(spec.function) for name, spec in SPECS.items()
+}
+#: settings each sampler accepts beyond the common signature (from the registry)
 SAMPLER_SETTINGS: dict[str, tuple[str, ...]] = {
-    "ddpm": ("variance",),
-    "ddim": ("eta",),
-    "sde": (),
-    "pc": ("snr", "corrector_steps"),
-    "ode_heun": (),
-    "ode_rk45": ("rtol", "atol"),
-    "dpmpp_2m": ("lower_order_final",),
-    "dpmpp_3m": ("lower_order_final",),
-    "dpmpp_2m_sde": ("lower_order_final",),
-    "unipc": ("order", "lower_order_final"),
-    "edm_heun": ("s_churn", "s_tmin", "s_tmax", "s_noise"),
+    name: spec.setting_names() for name, spec in SPECS.items()
 }
 
 
@@ -63,16 +55,27 @@ def compatible(sampler: str, process: NoiseProcess, steps: int | None = None) ->
 
     All samplers here are written against the shared ``alpha/sigma`` interface, so each runs on
     every process; what does not fit is a step count the process cannot provide (a discrete DDPM
-    only has its own N steps) or a grid too short for the method."""
-    if sampler not in SAMPLERS:
-        return f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}"
-    if steps is not None:
-        if process.discrete and steps > process.num_steps:  # type: ignore[attr-defined]
-            return (f"{sampler} with {steps} steps does not fit a discrete DDPM of "
-                    f"{process.num_steps} steps")  # type: ignore[attr-defined]
-        if sampler in ("ode_heun", "sde", "pc", "edm_heun") and steps < 2:
-            return f"{sampler} needs at least 2 steps (the last one is the denoising step)"
-    return None
+    only has its own N steps) or one below the sampler's ``min_steps`` (its registry entry).
+    ``steps`` is ignored for samplers that take none (adaptive RK45)."""
+    if sampler not in SPECS:
+        return f"unknown sampler {sampler!r}; choose one of {sorted(SPECS)}"
+    spec = SPECS[sampler]
+    if steps is None or not spec.takes_steps:
+        return None
+    if process.discrete and steps > process.num_steps:  # type: ignore[attr-defined]
+        return (f"{sampler} with {steps} steps does not fit a discrete DDPM of "
+                f"{process.num_steps} steps")  # type: ignore[attr-defined]
+    return spec.steps_problem(steps)
+
+
+def sampling_grid(process: NoiseProcess, sampler: str, steps: int = 50,
+                  spacing: str | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """The time grid :func:`generate` runs ``sampler`` on: ``process.time_grid`` of ``steps``
+    with ``spacing`` (default: the sampler's, from the registry); a sampler that takes no steps
+    (adaptive RK45) gets the two-step grid, of which it uses the end points."""
+    spec = SPECS[sampler]
+    return process.time_grid(steps if spec.takes_steps else 2, spacing or spec.spacing,
+                             device=device)
 
 
 def check_labels(denoiser, labels: Tensor, n: int) -> None:
@@ -100,27 +103,25 @@ def generate(
     seeds: Sequence[int],
     labels: Tensor | None = None,
     steps: int = 50,
-    spacing: str = "linspace",
+    spacing: str | None = None,
     device: torch.device | str = "cpu",
     callback=None,
     clip_x0: bool = False,
     **settings,
 ) -> SampleResult:
     """Sample ``len(seeds)`` images of ``shape`` (C, H, W). Image ``i`` draws its prior sample and
-    all its noise from a generator seeded with ``seeds[i]``. ``clip_x0`` clamps every ``x_0``
+    all its noise from a generator seeded with ``seeds[i]``. ``spacing`` defaults to the
+    sampler's own (its registry entry); ``steps`` is ignored by samplers that take none
+    (adaptive RK45 only uses the grid's end points). ``clip_x0`` clamps every ``x_0``
     estimate to [-1, 1] (:class:`~diffusion_core.denoiser.ClipX0`, once, around ``denoiser``
     and so after any guidance)."""
-    reason = compatible(sampler, process, None if sampler == "ode_rk45" else steps)
+    reason = compatible(sampler, process, steps) or SPECS[sampler].settings_problem(settings)
     if reason:
         raise ValueError(reason)
-    unknown = set(settings) - set(SAMPLER_SETTINGS[sampler])
-    if unknown:
-        raise ValueError(f"{sampler} does not take settings {sorted(unknown)}; "
-                         f"it takes {list(SAMPLER_SETTINGS[sampler])}")
     device = torch.device(device)
     rng = StackedRNG(seeds, device)
     x_T = process.prior_sample((len(seeds), *shape), rng, device=device)
-    grid = process.time_grid(2 if sampler == "ode_rk45" else steps, spacing, device="cpu")
+    grid = sampling_grid(process, sampler, steps, spacing)
     if labels is not None:
         check_labels(denoiser, labels, len(seeds))
         labels = labels.to(device)
@@ -131,9 +132,8 @@ def generate(
 
 
 __all__ = [
-    "SAMPLERS", "SAMPLER_SETTINGS", "SampleResult", "compatible", "ddim", "ddim_invert", "ddpm",
-    "dopri5", "euler_maruyama", "generate", "heun_ode", "langevin_correct", "ode_velocity",
-    "predictor_corrector",
-    "rk45_ode",
-    "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "edm_heun", "unipc",
+    "SAMPLERS", "SAMPLER_SETTINGS", "SPECS", "SampleResult", "SamplerSpec", "Setting",
+    "compatible", "ddim", "ddim_invert", "ddpm", "dopri5", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m",
+    "edm_heun", "euler_maruyama", "generate", "heun_ode", "langevin_correct", "ode_velocity",
+    "predictor_corrector", "rk45_ode", "sampling_grid", "unipc",
 ]

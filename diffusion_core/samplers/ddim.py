@@ -16,6 +16,7 @@ from torch import Tensor
 
 from diffusion_core.denoiser import DenoiserLike
 from diffusion_core.rng import randn_like
+from diffusion_core.sampler_registry import check_settings
 from diffusion_core.samplers.base import Callback, SampleResult, check_grid, coeffs, report
 
 
@@ -31,8 +32,7 @@ def ddim(
     callback: Callback | None = None,
     eta: float = 0.0,
 ) -> SampleResult:
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    check_settings("ddim", eta=eta)
     check_grid(grid)
     nfe = 0
     for i in range(grid.numel() - 1):

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from diffusion_core.denoiser import DenoiserLike
 from diffusion_core.rng import randn_like
+from diffusion_core.sampler_registry import check_settings
 from diffusion_core.samplers.base import Callback, SampleResult, check_grid, report
 
 
@@ -37,8 +38,7 @@ def ddpm(
     callback: Callback | None = None,
     variance: Literal["posterior", "beta"] = "posterior",
 ) -> SampleResult:
-    if variance not in ("posterior", "beta"):
-        raise ValueError(f"variance must be 'posterior' or 'beta', got {variance!r}")
+    check_settings("ddpm", variance=variance)
     check_grid(grid)
     nfe = 0
     for i in range(grid.numel() - 1):

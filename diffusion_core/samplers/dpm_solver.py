@@ -34,6 +34,7 @@ from torch import Tensor
 
 from diffusion_core.denoiser import DenoiserLike
 from diffusion_core.rng import randn_like
+from diffusion_core.sampler_registry import check_settings
 from diffusion_core.samplers.base import Callback, SampleResult, check_grid, combine, report
 
 #: with fewer steps than this, the step before the last is at most second order
@@ -98,8 +99,10 @@ def dpmpp_update(x: Tensor, ds: list[Tensor], lams: list[float], lam_s: float,
     return combine([((s_s / s_t), x), *zip(w[:order], reversed(ds), strict=True)])
 
 
-def _dpmpp_multistep(denoiser: DenoiserLike, process, x: Tensor, grid: Tensor, *, order: int,
-                     sde: bool, labels, rng, callback, lower_order_final: bool) -> SampleResult:
+def _dpmpp_multistep(denoiser: DenoiserLike, process, x: Tensor, grid: Tensor, *, name: str,
+                     order: int, sde: bool, labels, rng, callback,
+                     lower_order_final: bool) -> SampleResult:
+    check_settings(name, lower_order_final=lower_order_final)
     check_grid(grid)
     steps = grid.numel() - 1
     ds: list[Tensor] = []
@@ -124,8 +127,9 @@ def dpmpp_2m(denoiser: DenoiserLike, process, x: Tensor, grid: Tensor, *,
              lower_order_final: bool = True) -> SampleResult:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2):
     ``x_s = (sigma_s/sigma_t) x_t + alpha_s (1 - e^{-h}) [(1 + 1/(2r)) D_0 - 1/(2r) D_{-1}]``."""
-    return _dpmpp_multistep(denoiser, process, x, grid, order=2, sde=False, labels=labels,
-                            rng=rng, callback=callback, lower_order_final=lower_order_final)
+    return _dpmpp_multistep(denoiser, process, x, grid, name="dpmpp_2m", order=2, sde=False,
+                            labels=labels, rng=rng, callback=callback,
+                            lower_order_final=lower_order_final)
 
 
 @torch.no_grad()
@@ -134,8 +138,9 @@ def dpmpp_3m(denoiser: DenoiserLike, process, x: Tensor, grid: Tensor, *,
              lower_order_final: bool = True) -> SampleResult:
     """DPM-Solver++(3M) (Lu et al. 2022, Sec. 4; third-order multistep in data form):
     ``x_s = (sigma_s/sigma_t) x_t + alpha_s [h phi_1 D_0 + h phi_2 D_1 - h phi_3 D_2]``."""
-    return _dpmpp_multistep(denoiser, process, x, grid, order=3, sde=False, labels=labels,
-                            rng=rng, callback=callback, lower_order_final=lower_order_final)
+    return _dpmpp_multistep(denoiser, process, x, grid, name="dpmpp_3m", order=3, sde=False,
+                            labels=labels, rng=rng, callback=callback,
+                            lower_order_final=lower_order_final)
 
 
 @torch.no_grad()
@@ -144,5 +149,6 @@ def dpmpp_2m_sde(denoiser: DenoiserLike, process, x: Tensor, grid: Tensor, *,
                  lower_order_final: bool = True) -> SampleResult:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022): ``x_s = (sigma_s/sigma_t) e^{-h} x_t
     + alpha_s (1 - e^{-2h}) [D_0 + (D_0 - D_{-1})/(2r)] + sigma_s sqrt(1 - e^{-2h}) z``."""
-    return _dpmpp_multistep(denoiser, process, x, grid, order=2, sde=True, labels=labels,
-                            rng=rng, callback=callback, lower_order_final=lower_order_final)
+    return _dpmpp_multistep(denoiser, process, x, grid, name="dpmpp_2m_sde", order=2, sde=True,
+                            labels=labels, rng=rng, callback=callback,
+                            lower_order_final=lower_order_final)

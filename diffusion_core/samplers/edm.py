@@ -26,6 +26,7 @@ from torch import Tensor
 
 from diffusion_core.denoiser import DenoiserLike
 from diffusion_core.rng import randn_like
+from diffusion_core.sampler_registry import check_settings
 from diffusion_core.samplers.base import Callback, SampleResult, check_grid, report
 
 
@@ -58,13 +59,14 @@ def edm_heun(
     callback: Callback | None = None,
     s_churn: float = 0.0,
     s_tmin: float = 0.0,
-    s_tmax: float = float("inf"),
+    s_tmax: float | None = None,
     s_noise: float = 1.0,
 ) -> SampleResult:
-    """Karras et al. 2022, Algorithm 2 (see the module docstring); ``s_churn = 0`` is Algorithm 1."""
-    if s_churn < 0 or s_noise < 0:
-        raise ValueError(f"s_churn and s_noise must be >= 0, got {s_churn}, {s_noise}")
+    """Karras et al. 2022, Algorithm 2 (see the module docstring); ``s_churn = 0`` is Algorithm 1.
+    ``s_tmax = None``: no upper bound on the churned noise levels (EDM's ``S_tmax = inf``)."""
+    check_settings("edm_heun", s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     check_grid(grid)
+    s_tmax = math.inf if s_tmax is None else s_tmax
     steps = grid.numel() - 1
     nfe = 0
     for i in range(steps):

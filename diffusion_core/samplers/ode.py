@@ -17,6 +17,7 @@ from torch import Tensor
 
 from diffusion_core.denoiser import DenoiserLike, time_batch
 from diffusion_core.processes import broadcast
+from diffusion_core.sampler_registry import check_settings
 from diffusion_core.samplers.base import Callback, SampleResult, check_grid, report
 
 
@@ -148,6 +149,7 @@ def rk45_ode(
 ) -> SampleResult:
     """Adaptive RK45 on the probability-flow ODE from ``grid[0]`` to the last positive grid time
     (``t_min``), then the denoising step. Only the grid's end points are used."""
+    check_settings("ode_rk45", rtol=rtol, atol=atol)
     check_grid(grid)
     t_start = float(grid[0])
     t_end = float(grid[-2]) if float(grid[-1]) == 0.0 else float(grid[-1])

@@ -16,6 +16,7 @@ from torch import Tensor
 from diffusion_core.denoiser import DenoiserLike
 from diffusion_core.parameterization import score_from_eps
 from diffusion_core.rng import randn_like
+from diffusion_core.sampler_registry import check_settings
 from diffusion_core.samplers.base import Callback, SampleResult, check_grid, coeffs, report
 
 
@@ -108,10 +109,7 @@ def predictor_corrector(
     Predictor (reverse diffusion, Alg. 2/3 with the exact forward transition):
     ``x_s = (x_t + sigma_{t|s}^2 score) / alpha_{t|s} + sigma_{t|s} z``.
     """
-    if snr <= 0:
-        raise ValueError(f"snr must be > 0, got {snr}")
-    if corrector_steps < 0:
-        raise ValueError(f"corrector_steps must be >= 0, got {corrector_steps}")
+    check_settings("pc", snr=snr, corrector_steps=corrector_steps)
     check_grid(grid)
     nfe = 0
     for i in range(grid.numel() - 1):

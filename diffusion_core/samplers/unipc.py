@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from diffusion_core.denoiser import DenoiserLike
+from diffusion_core.sampler_registry import check_settings
 from diffusion_core.samplers.base import Callback, SampleResult, check_grid, combine, report
 from diffusion_core.samplers.dpm_solver import half_log_snr
 
@@ -77,8 +78,7 @@ def unipc(denoiser: DenoiserLike, process, x: Tensor, grid: Tensor, *,
     """UniPC-p with bh2 (Zhao et al. 2023, Algorithms 1-2): at every grid time evaluate
     ``D = x0_pred``, correct the current point with UniC, then predict the next with UniP.
     One denoiser evaluation per step (the corrector reuses it)."""
-    if order not in (1, 2, 3):
-        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
+    check_settings("unipc", order=order, lower_order_final=lower_order_final)
     check_grid(grid)
     steps = grid.numel() - 1
     ds: list[Tensor] = []

@@ -122,8 +122,18 @@ BAD: list[tuple[str, Edit, str]] = [
     (
         "edm heun 1 step",
         _method("x", {"sampler": "edm_heun", "steps": 1}),
-        "methods.x.steps: Input should be greater than or equal to 2",
+        "methods.x.steps: edm_heun needs at least 2 steps (the last one is the denoising step) "
+        "(got 1)",
     ),
+    # the registry's step rule, the one samplers.compatible applies, refused at validation
+    ("pc 1 step", _method("x", {"sampler": "pc", "steps": 1}),
+     "methods.x.steps: pc needs at least 2 steps"),
+    ("ddim 0 steps", _method("x", {"sampler": "ddim", "steps": 0}),
+     "methods.x.steps: ddim needs at least 1 step (got 0)"),
+    ("rk45 takes no steps", _method("x", {"sampler": "ode_rk45", "steps": 5}),
+     "methods.x.steps: Extra inputs are not permitted"),
+    ("edm s_tmax inf", _method("x", {"sampler": "edm_heun", "steps": 5, "s_tmax": float("inf")}),
+     "methods.x.s_tmax: Input should be a finite number"),
     ("old spacing name", _method("x", {"sampler": "ddim", "steps": 5, "spacing": "uniform"}),
      "methods.x.spacing: Input should be 'linspace'"),
     ("no sampler", _method("x", {"steps": 5}), "methods.x.sampler: Field required"),

@@ -99,12 +99,16 @@ def test_any_value_for_any_key_passes_check_params_or_is_one_line(
         ("model.base_channels", 3, "model: attention channels"),
         ("model.num_res_blocks", 396006, "model.num_res_blocks: Input should be less than"),
         # the sample stage would skip these (samplers.compatible): check-params refuses them
+        # with the same rule (the sampler registry's min_steps), at validation
         ("methods.ddim5", {"sampler": "pc", "steps": 1},
-         "methods.ddim5: pc needs at least 2 steps (the last one is the denoising step) (got "
-         "steps=1)"),
-        ("methods.ddim5", {"sampler": "sde", "steps": 1}, "methods.ddim5: sde needs at least 2"),
+         "methods.ddim5.steps: pc needs at least 2 steps (the last one is the denoising step) "
+         "(got 1)"),
+        ("methods.ddim5", {"sampler": "sde", "steps": 1},
+         "methods.ddim5.steps: sde needs at least 2"),
         ("methods.ddim5", {"sampler": "ode_heun", "steps": 1},
-         "methods.ddim5: ode_heun needs at least 2"),
+         "methods.ddim5.steps: ode_heun needs at least 2"),
+        ("methods.ddim5", {"sampler": "edm_heun", "steps": 1},
+         "methods.ddim5.steps: edm_heun needs at least 2"),
     ],
 )
 def test_values_stages_refused_at_run_time_are_refused_by_check_params(

@@ -228,7 +228,13 @@ def test_unconditional_method_samples_the_null_label(workspace: Path) -> None:
 
 
 def test_incompatible_sampler_is_recorded_as_skipped(workspace: Path) -> None:
-    params = params_with(pc1={"sampler": "pc", "steps": 1})
+    """Validation refuses steps below a sampler's minimum (the registry's rule, which
+    ``samplers.compatible`` applies too), so the stages' skip is reached here past validation."""
+    from pipeline.config import METHOD_MODELS
+
+    base = params_with()
+    pc1 = METHOD_MODELS["pc"].model_construct(sampler="pc", steps=1)
+    params = base.model_copy(update={"methods": {**base.methods, "pc1": pc1}})
     with contextlib.chdir(workspace):
         record = sample.run(params, "pc1")
         scored = evaluate.run(params, ["pc1"])["pc1"]
