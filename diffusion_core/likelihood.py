@@ -3,7 +3,9 @@
 Along the ODE ``dx/dt = v(x, t)`` the log-density obeys the instantaneous change of variables
 (Chen et al. 2018, "Neural ODEs", Thm. 1): ``d log p_t(x(t)) / dt = -div v(x(t), t)``, so
 
-    log p_{t_min}(x) = log p_1(x(1)) + int_{t_min}^{1} div v(x(t), t) dt.
+    log p_{t_min}(x) = log p_T(x(T)) + int_{t_min}^{T} div v(x(t), t) dt,   T = t_max
+
+(``t_max = 1`` but for rectified flow, whose ``t = 1`` is singular).
 
 The divergence is estimated with the Hutchinson-Skilling trick ``div v ~= z^T (dv/dx) z`` with a
 fixed Rademacher ``z`` per image (one vector-Jacobian product per evaluation), or computed exactly
@@ -88,7 +90,7 @@ def ode_log_likelihood(
         return torch.cat([v.detach().flatten(1), div.detach().reshape(-1, 1).to(v.dtype)], 1)
 
     y0 = torch.cat([x.flatten(1), torch.zeros(shape[0], 1, dtype=x.dtype, device=x.device)], 1)
-    y1, nfe = dopri5(fn, y0, process.t_min, 1.0, rtol=rtol, atol=atol)
+    y1, nfe = dopri5(fn, y0, process.t_min, process.t_max, rtol=rtol, atol=atol)
     x1 = y1[:, :d].reshape(shape)
     logp = (prior_logp or process.prior_logp)(x1) + y1[:, d].double()
     return logp, nfe

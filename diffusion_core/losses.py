@@ -7,10 +7,11 @@ With the eps target and ``w = 1`` this is denoising score matching with weightin
 ``lambda(t) = sigma(t)^2`` (since ``sigma^2 || s_theta + eps / sigma ||^2 = || eps_theta - eps ||^2``);
 the x0 and v targets give the SNR and SNR+1 weightings of the same objective (Salimans & Ho 2022).
 ``t`` comes from the process's own training distribution (uniform steps for DDPM, ``U(t_min, 1)``
-for the SDEs) or EDM's log-normal one (:mod:`diffusion_core.noise_levels`).
+for the SDEs), EDM's log-normal or SD3's logit-normal one (:mod:`diffusion_core.noise_levels`).
 
 Loss weightings ``w(t)``. For a fixed ``x_t`` the errors of the three targets are proportional:
-``||d eps||^2 = SNR ||d x0||^2`` and ``||d v||^2 = (alpha^2 + sigma^2)(SNR + 1) ||d x0||^2``
+``||d eps||^2 = SNR ||d x0||^2``, ``||d v||^2 = (alpha^2 + sigma^2)(SNR + 1) ||d x0||^2`` and
+``||d u||^2 = ((alpha + sigma) / sigma)^2 ||d x0||^2`` for the flow ``u = eps - x0``
 (``SNR = alpha^2 / sigma^2``), so a weighting is stated once on the ``x_0`` error,
 ``lambda_x0(t) ||d x0||^2``, and applied to any target as ``w = lambda_x0 / k_target``
 (:func:`target_factor`):
@@ -25,6 +26,13 @@ Loss weightings ``w(t)``. For a fixed ``x_t`` the errors of the three targets ar
   ``sigma_data = 1`` on a VP process it is the uniform v-loss: EDM's ``F_theta`` is ``-v`` there,
   so v prediction is EDM's preconditioning for unit-variance data.
 
+For rectified flow (``alpha = 1 - t``, ``sigma = t``) with the flow target, ``none`` is the
+loss of Liu et al. 2023 and Esser et al. 2024 (with ``t_sampling="logit_normal"``, SD3's
+"rf/lognorm(0.00, 1.00)"); it is ``lambda_x0 = 1 / t^2``, i.e. ``1 / (1 - t)^2`` on the eps error.
+``min_snr`` and ``edm`` are defined on any process and target through ``k_target``, so they apply
+unchanged (min-SNR caps ``lambda_x0`` at ``gamma``, i.e. ``w = min(SNR, gamma) t^2`` on the flow
+error); neither is part of the published flow recipes.
+
 Classifier-free guidance training replaces each label by the null label with probability
 ``p_uncond`` (Ho & Salimans 2022, Algorithm 1).
 """
@@ -37,7 +45,13 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_core.denoiser import input_scale
-from diffusion_core.noise_levels import EDM_P_MEAN, EDM_P_STD, sample_training_t
+from diffusion_core.noise_levels import (
+    EDM_P_MEAN,
+    EDM_P_STD,
+    SD3_LOGIT_MEAN,
+    SD3_LOGIT_STD,
+    sample_training_t,
+)
 from diffusion_core.parameterization import PREDICTIONS, training_target
 from diffusion_core.processes import NoiseProcess, broadcast
 
@@ -47,7 +61,7 @@ LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
 
 def target_factor(prediction: str, alpha: Tensor, sigma: Tensor) -> Tensor:
     """``k = ||d target||^2 / ||d x0||^2`` at fixed ``x_t``: ``SNR`` (eps), 1 (x0),
-    ``(alpha^2 + sigma^2)(SNR + 1)`` (v)."""
+    ``(alpha^2 + sigma^2)(SNR + 1)`` (v), ``((alpha + sigma) / sigma)^2`` (flow)."""
     snr = alpha**2 / sigma**2
     if prediction == "eps":
         return snr
@@ -55,6 +69,8 @@ def target_factor(prediction: str, alpha: Tensor, sigma: Tensor) -> Tensor:
         return torch.ones_like(snr)
     if prediction == "v":
         return (alpha**2 + sigma**2) * (snr + 1.0)
+    if prediction == "flow":
+        return ((alpha + sigma) / sigma) ** 2
     raise ValueError(f"unknown prediction {prediction!r}: choose one of {PREDICTIONS}")
 
 
@@ -112,6 +128,8 @@ def denoising_loss(
     t_sampling: str = "uniform",
     p_mean: float = EDM_P_MEAN,
     p_std: float = EDM_P_STD,
+    logit_mean: float = SD3_LOGIT_MEAN,
+    logit_std: float = SD3_LOGIT_STD,
 ) -> Tensor:
     """Weighted mean squared error of ``net`` on one batch; all randomness comes from
     ``generator``. ``weighting`` and ``t_sampling`` as in the module docstring; the defaults
@@ -119,7 +137,8 @@ def denoising_loss(
     b = x0.shape[0]
     dev = generator.device if generator is not None else x0.device
     t = sample_training_t(process, b, kind=t_sampling, generator=generator, device=dev,
-                          p_mean=p_mean, p_std=p_std).to(x0.device)
+                          p_mean=p_mean, p_std=p_std, logit_mean=logit_mean,
+                          logit_std=logit_std).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=dev).to(x0.device, x0.dtype)
     alpha = broadcast(process.alpha(t), x0)
     sigma = broadcast(process.sigma(t), x0)

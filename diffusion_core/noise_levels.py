@@ -10,9 +10,15 @@ noise-to-signal ratio ``sigma_e(t) = sigma(t) / alpha(t) = exp(-lambda(t) / 2)``
   al. 2021, eq. 7);
 * ``log_normal``: EDM's ``ln sigma_e ~ N(P_mean, P_std^2)`` (Karras et al. 2022, Table 1,
   ``P_mean = -1.2``, ``P_std = 1.2``), i.e. ``lambda = -2 ln sigma_e``, mapped to the process's time
-  by ``t = lambda^{-1}(lambda)``; clamped to ``[t_min, 1]`` (the process cannot make noise
-  levels outside ``[sigma_e(t_min), sigma_e(1)]``), and for a discrete DDPM snapped to the step
-  whose log-SNR is nearest.
+  by ``t = lambda^{-1}(lambda)``; clamped to ``[t_min, t_max]`` (the process cannot make noise
+  levels outside ``[sigma_e(t_min), sigma_e(t_max)]``), and for a discrete DDPM snapped to the
+  step whose log-SNR is nearest;
+* ``logit_normal``: SD3's ``t = sigmoid(n)``, ``n ~ N(m, s^2)`` (Esser et al. 2024, "Scaling
+  Rectified Flow Transformers", Sec. 3.1, best at ``m = 0``, ``s = 1``) on rectified flow. There
+  ``ln sigma_e = ln(t / (1 - t)) = logit(t) = n``, so it is the log-normal family above with SD3's
+  parameters, and that is how it is drawn on every process: ``lambda = -2 n``, then
+  ``t = lambda^{-1}(lambda)`` (exactly ``sigmoid(n)`` on rectified flow, clamped to
+  ``[t_min, t_max]``), so another process trains on the noise levels SD3 trains on.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ from torch import Tensor
 
 from diffusion_core.processes import DiscreteDDPM, NoiseProcess
 
-TSampling = Literal["uniform", "log_normal"]
+TSampling = Literal["uniform", "log_normal", "logit_normal"]
 T_SAMPLINGS: tuple[str, ...] = get_args(TSampling)
 
 #: EDM's training distribution of ln(sigma/alpha) (Karras et al. 2022, Table 1)
 EDM_P_MEAN, EDM_P_STD = -1.2, 1.2
+#: SD3's logit-normal times, logit(t) ~ N(0, 1) (Esser et al. 2024, Sec. 3.1 and Table 1)
+SD3_LOGIT_MEAN, SD3_LOGIT_STD = 0.0, 1.0
 
 
 def nearest_step_time(process: DiscreteDDPM, lam: Tensor) -> Tensor:
@@ -47,7 +55,7 @@ def nearest_step_time(process: DiscreteDDPM, lam: Tensor) -> Tensor:
 
 
 def time_from_log_snr(process: NoiseProcess, lam: Tensor) -> Tensor:
-    """The training time with log-SNR ``lam``: exact inverse (clamped to ``[t_min, 1]``) for a
+    """The training time with log-SNR ``lam``: exact inverse (clamped to ``[t_min, t_max]``) for a
     continuous process, the nearest step for a discrete DDPM."""
     if isinstance(process, DiscreteDDPM):
         return nearest_step_time(process, lam)
@@ -63,16 +71,22 @@ def sample_training_t(
     device: torch.device | str | None = None,
     p_mean: float = EDM_P_MEAN,
     p_std: float = EDM_P_STD,
+    logit_mean: float = SD3_LOGIT_MEAN,
+    logit_std: float = SD3_LOGIT_STD,
 ) -> Tensor:
-    """``n`` training times (float64, on ``device``) drawn as ``kind`` says (module docstring)."""
+    """``n`` training times (float64, on ``device``) drawn as ``kind`` says (module docstring):
+    ``p_mean``, ``p_std`` parameterise ``log_normal``, ``logit_mean``, ``logit_std``
+    ``logit_normal``."""
     if kind == "uniform":
         return process.sample_t(n, generator=generator, device=device)
-    if kind != "log_normal":
+    if kind not in ("log_normal", "logit_normal"):
         raise ValueError(f"unknown t_sampling {kind!r}: choose one of {list(T_SAMPLINGS)}")
-    if p_std <= 0:
-        raise ValueError(f"p_std must be > 0, got {p_std}")
+    mean, std = (p_mean, p_std) if kind == "log_normal" else (logit_mean, logit_std)
+    if std <= 0:
+        name = "p_std" if kind == "log_normal" else "logit_std"
+        raise ValueError(f"{name} must be > 0, got {std}")
     dev = generator.device if generator is not None else device
     z = torch.randn(n, generator=generator, device=dev, dtype=torch.float64)
-    lam = -2.0 * (p_mean + p_std * z)
+    lam = -2.0 * (mean + std * z)  # ln(sigma/alpha) = mean + std z
     t = time_from_log_snr(process, lam)
     return t.to(device) if device is not None else t

@@ -108,6 +108,9 @@ class NoiseProcess(ABC):
     name: str = "process"
     #: smallest time used in training and the last time before the final denoising step
     t_min: float = 0.0
+    #: largest time used in training and the first time of every grid (below 1 where t = 1 is
+    #: singular: rectified flow's alpha(1) = 0)
+    t_max: float = 1.0
     #: True for processes defined on a grid of N steps (discrete DDPM)
     discrete: bool = False
     #: standard deviation of the prior p_T = N(0, prior_std^2 I)
@@ -178,18 +181,18 @@ class NoiseProcess(ABC):
     def sample_t(
         self, n: int, generator: torch.Generator | None = None, device=None
     ) -> Tensor:
-        """Training-time distribution of t: ``U(t_min, 1)`` (Song et al. 2021, eq. 7)."""
+        """Training-time distribution of t: ``U(t_min, t_max)`` (Song et al. 2021, eq. 7)."""
         dev = generator.device if generator is not None else device
         u = torch.rand(n, generator=generator, device=dev, dtype=torch.float64)
-        t = self.t_min + (1.0 - self.t_min) * u
+        t = self.t_min + (self.t_max - self.t_min) * u
         return t.to(device) if device is not None else t
 
     def inverse_log_snr(self, lam: Tensor) -> Tensor:
-        """The time ``t in [t_min, 1]`` with ``log_snr(t) = lam`` (bisection; lambda decreases
-        in t), clamped to the ends for ``lam`` outside ``[lambda(1), lambda(t_min)]``."""
+        """The time ``t in [t_min, t_max]`` with ``log_snr(t) = lam`` (bisection; lambda
+        decreases in t), clamped to the ends for ``lam`` outside ``[lambda(t_max), lambda(t_min)]``."""
         lam = _as_tensor(lam)
         lo = torch.full_like(lam, self.t_min)
-        hi = torch.ones_like(lam)
+        hi = torch.full_like(lam, self.t_max)
         for _ in range(64):
             mid = 0.5 * (lo + hi)
             above = self.log_snr(mid) > lam  # mid is still too early
@@ -200,29 +203,30 @@ class NoiseProcess(ABC):
         """The descending positive times of :meth:`time_grid` (before the final 0)."""
         if spacing in ("logsnr", "karras"):
             if steps == 1:
-                return torch.ones(1, dtype=torch.float64)
+                return torch.full((1,), self.t_max, dtype=torch.float64)
             lam_1, lam_min = (float(self.log_snr(torch.tensor(v, dtype=torch.float64)))
-                              for v in (1.0, self.t_min))
+                              for v in (self.t_max, self.t_min))
             if spacing == "logsnr":
                 lam = torch.linspace(lam_1, lam_min, steps, dtype=torch.float64)
             else:  # EDM's sigma is sigma/alpha = exp(-lambda/2)
                 sig = karras_sigmas(steps, math.exp(-lam_min / 2), math.exp(-lam_1 / 2), rho)
                 lam = -2.0 * torch.log(sig)
             t = self.inverse_log_snr(lam)
-            t[0], t[-1] = 1.0, self.t_min  # the ends exactly
+            t[0], t[-1] = self.t_max, self.t_min  # the ends exactly
             return t
-        return self.t_min + (1.0 - self.t_min) * grid_fractions(steps, spacing)
+        return self.t_min + (self.t_max - self.t_min) * grid_fractions(steps, spacing)
 
     def time_grid(self, steps: int, spacing: Spacing = "linspace", device=None, *,
                   rho: float = 7.0) -> Tensor:
         """Descending sampling times ``[t_0, ..., t_{S-1}, 0]`` for ``S = steps`` network calls.
 
         A continuous process is treated as a DDPM with infinitely fine steps: ``t_min`` plays
-        step 1 and ``t = 1`` step N, and ``t_j = t_min + (1 - t_min) u_j`` with ``u_j`` from
-        :func:`grid_fractions` for ``linspace`` (ends 1 and ``t_min``), ``leading`` (first time
-        ``1 - (1 - t_min)/S``, last ``t_min``), ``trailing`` (first 1, last
-        ``t_min + (1 - t_min)/S``) and ``quadratic`` (first ``t_min + 0.8 (1 - t_min)``).
-        ``logsnr``: uniform in ``lambda = log(alpha^2/sigma^2)`` from ``lambda(1)`` to
+        step 1 and ``t_max`` (1 but for rectified flow) step N, and
+        ``t_j = t_min + (t_max - t_min) u_j`` with ``u_j`` from :func:`grid_fractions` for
+        ``linspace`` (ends ``t_max`` and ``t_min``), ``leading`` (first time
+        ``t_max - (t_max - t_min)/S``, last ``t_min``), ``trailing`` (first ``t_max``, last
+        ``t_min + (t_max - t_min)/S``) and ``quadratic`` (first ``t_min + 0.8 (t_max - t_min)``).
+        ``logsnr``: uniform in ``lambda = log(alpha^2/sigma^2)`` from ``lambda(t_max)`` to
         ``lambda(t_min)`` (DPM-Solver, Lu et al. 2022); ``karras``: EDM's spacing of
         ``sigma/alpha = exp(-lambda/2)`` with exponent ``rho`` (Karras et al. 2022, eq. 5);
         both map back to t with :meth:`inverse_log_snr`. Grids that start below t = 1 still
@@ -335,6 +339,85 @@ class VESDE(NoiseProcess):
     def describe(self) -> dict:
         return {"name": self.name, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
                 "t_min": self.t_min}
+
+
+# ============================================================================ rectified flow
+def timestep_shift(t: Tensor, shift: float) -> Tensor:
+    """SD3's resolution-dependent timestep shift (Esser et al. 2024, "Scaling Rectified Flow
+    Transformers for High-Resolution Image Synthesis", Sec. 5.3.2):
+    ``t' = shift t / (1 + (shift - 1) t)``.
+
+    On rectified flow ``t' / (1 - t') = shift t / (1 - t)``: the noise-to-signal ratio is scaled
+    by ``shift``, i.e. the log-SNR moved by ``-2 log shift`` (``shift > 1``: noisier times)."""
+    t = _as_tensor(t)
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+class RectifiedFlow(NoiseProcess):
+    """Rectified flow / flow matching's linear path (Liu et al. 2023, "Flow Straight and Fast";
+    Lipman et al. 2023, "Flow Matching for Generative Modeling"; Esser et al. 2024, Sec. 3.1):
+    ``x_t = (1 - t) x_0 + t eps``, i.e. ``alpha(t) = 1 - t``, ``sigma(t) = t``.
+
+    From the general formulas of the module docstring (Kingma et al. 2021, "Variational
+    Diffusion Models"; Song et al. 2021, eq. 5): ``f(t) = d log alpha/dt = -1 / (1 - t)``,
+    ``g(t)^2 = d sigma^2/dt - 2 f sigma^2 = 2t + 2t^2/(1-t) = 2t / (1 - t)``, log-SNR
+    ``lambda(t) = 2 log((1 - t) / t)`` with inverse ``t = sigmoid(-lambda / 2)``. The
+    probability-flow velocity ``f x + g^2 eps / (2 sigma) = (eps - x) / (1 - t)`` is
+    ``E[eps - x_0 | x_t]``, the flow the network of ``prediction="flow"`` regresses onto.
+
+    The end ``t = 1`` is pure noise (``alpha = 0``, ``lambda = -inf``, ``f`` and ``g^2`` infinite),
+    so the process lives on ``[t_min, t_max]`` with ``t_max = 1 - t_min``: the same convention as
+    the VP-SDE, whose ``alpha(1) ~ 0.007`` is small but not 0. Grids start at ``t_max``
+    (``alpha = t_min``; the prior N(0, I) differs from the marginal there by ``t_min x_0``),
+    the log-SNR range is symmetric, ``+-2 log((1 - t_min)/t_min)``, and every sampler, the
+    likelihood and the log-SNR spacings see finite coefficients. diffusers' DPM-Solver++ with
+    flow sigmas makes the same choice (its largest sigma is ``1 - 1/1000``).
+
+    ``shift`` (SD3's timestep shift, :func:`timestep_shift`, default 1 = none) warps the
+    index-based grids (``linspace``, ``leading``, ``trailing``, ``quadratic``):
+    ``t_j = t_min + (t_max - t_min) shift(u_j)``, keeping both ends. The ``logsnr`` and ``karras``
+    grids are fixed by their end noise levels and ignore it (a shift moves every log-SNR by the
+    same constant, so a log-SNR-uniform grid between pinned ends is unchanged by it).
+    """
+
+    name = "rectified_flow"
+
+    def __init__(self, t_min: float = 1e-3, shift: float = 1.0):
+        if not 0 < t_min < 0.5:
+            raise ValueError(f"t_min must lie in (0, 0.5) (t_max = 1 - t_min), got {t_min}")
+        if not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"shift must be a positive number, got {shift}")
+        self.t_min, self.t_max, self.shift = float(t_min), 1.0 - float(t_min), float(shift)
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        return torch.log1p(-_as_tensor(t))
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return _as_tensor(t).clone()
+
+    def f(self, t: Tensor) -> Tensor:
+        return -1.0 / (1.0 - _as_tensor(t))
+
+    def g2(self, t: Tensor) -> Tensor:
+        t = _as_tensor(t)
+        return 2.0 * t / (1.0 - t)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        t = _as_tensor(t)
+        return 2.0 * (torch.log1p(-t) - torch.log(t))
+
+    def inverse_log_snr(self, lam: Tensor) -> Tensor:
+        """``t = sigmoid(-lambda / 2)``, clamped to ``[t_min, t_max]``."""
+        return torch.sigmoid(-0.5 * _as_tensor(lam)).clamp(self.t_min, self.t_max)
+
+    def _positive_times(self, steps: int, spacing: str, rho: float) -> Tensor:
+        if spacing in ("logsnr", "karras"):
+            return super()._positive_times(steps, spacing, rho)
+        u = timestep_shift(grid_fractions(steps, spacing), self.shift)
+        return self.t_min + (self.t_max - self.t_min) * u
+
+    def describe(self) -> dict:
+        return {"name": self.name, "t_min": self.t_min, "shift": self.shift}
 
 
 # ============================================================================ discrete DDPM
@@ -514,12 +597,14 @@ PROCESSES: dict[str, type[NoiseProcess]] = {
     "vp": VPSDE,
     "subvp": SubVPSDE,
     "ve": VESDE,
+    "rectified_flow": RectifiedFlow,
 }
 
 
 def make_process(name: str, **kwargs) -> NoiseProcess:
-    """Build a process by name (``ddpm``, ``vp``, ``subvp``, ``ve``); unknown keyword arguments
-    that belong to other processes are ignored, so one parameter block serves them all."""
+    """Build a process by name (``ddpm``, ``vp``, ``subvp``, ``ve``, ``rectified_flow``); keyword
+    arguments that belong to other processes are ignored, so one parameter block serves them
+    all."""
     import inspect
 
     if name not in PROCESSES:

@@ -75,7 +75,13 @@ from diffusion_core.distributed import (
 )
 from diffusion_core.ema import EMA, MAX_POWER_EMA_STD, unwrap_model
 from diffusion_core.losses import LOSS_WEIGHTINGS, denoising_loss
-from diffusion_core.noise_levels import EDM_P_MEAN, EDM_P_STD, T_SAMPLINGS
+from diffusion_core.noise_levels import (
+    EDM_P_MEAN,
+    EDM_P_STD,
+    SD3_LOGIT_MEAN,
+    SD3_LOGIT_STD,
+    T_SAMPLINGS,
+)
 from diffusion_core.parameterization import PREDICTIONS
 
 __all__ = [
@@ -115,7 +121,8 @@ class TrainConfig:
     ``channels_last`` stores weights and batches in NHWC order. The measurements behind these
     choices are in docs/benchmarks.md and docs/training.md.
     ``loss_weighting`` (with ``min_snr_gamma``, ``sigma_data``) and ``t_sampling`` (with
-    ``p_mean``, ``p_std``) go to :func:`~diffusion_core.losses.denoising_loss`; ``ema_std``
+    ``p_mean``, ``p_std``, or ``logit_mean``, ``logit_std`` for ``logit_normal``) go to
+    :func:`~diffusion_core.losses.denoising_loss`; ``ema_std``
     (``None``: exponential EMA with ``ema_decay``) to :class:`~diffusion_core.ema.EMA`.
     ``guide_at > 0`` keeps a copy of the EMA weights after step ``round(guide_at * steps)``
     (:attr:`guide_step`) in the checkpoints and the model file (``"guide"``): the weak model of
@@ -139,6 +146,8 @@ class TrainConfig:
     t_sampling: str = "uniform"
     p_mean: float = EDM_P_MEAN
     p_std: float = EDM_P_STD
+    logit_mean: float = SD3_LOGIT_MEAN
+    logit_std: float = SD3_LOGIT_STD
     p_uncond: float = 0.0
     guide_at: float = 0.0
     prediction: str = "eps"
@@ -175,6 +184,7 @@ class TrainConfig:
             (self.sigma_data > 0, "sigma_data", "must be > 0"),
             (self.t_sampling in T_SAMPLINGS, "t_sampling", f"must be one of {T_SAMPLINGS}"),
             (self.p_std > 0, "p_std", "must be > 0"),
+            (self.logit_std > 0, "logit_std", "must be > 0"),
             (0 <= self.p_uncond <= 1, "p_uncond", "must be in [0, 1]"),
             (0 <= self.guide_at < 1, "guide_at", "must be in [0, 1) (0: no guide snapshot)"),
             (self.prediction in PREDICTIONS, "prediction", f"must be one of {PREDICTIONS}"),
@@ -636,7 +646,7 @@ def _loss(forward: nn.Module, process: Any, x0: Tensor, y: Tensor | None, cfg: T
         forward, process, x0, y, prediction=cfg.prediction, generator=noise,
         p_uncond=cfg.p_uncond, null_label=null_label, weighting=cfg.loss_weighting,
         min_snr_gamma=cfg.min_snr_gamma, sigma_data=cfg.sigma_data, t_sampling=cfg.t_sampling,
-        p_mean=cfg.p_mean, p_std=cfg.p_std,
+        p_mean=cfg.p_mean, p_std=cfg.p_std, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
     )
 
 

@@ -86,7 +86,7 @@ class DataParams(_Section):
 
 
 class ProcessParams(_Section):
-    name: Literal["ddpm", "vp", "subvp", "ve"]
+    name: Literal["ddpm", "vp", "subvp", "ve", "rectified_flow"]
     num_steps: int = Field(ge=1, le=100_000)  # the schedule tables are allocated
     schedule: Literal["linear", "cosine"]
     beta_start: float = Field(gt=0.0, lt=1.0)
@@ -97,6 +97,10 @@ class ProcessParams(_Section):
     sigma_min: float = Field(gt=0.0)
     sigma_max: float = Field(gt=0.0)
     t_min: float = Field(gt=0.0, lt=1.0)
+    shift: float = Field(
+        default=1.0, gt=0.0, le=100.0,
+        description="rectified_flow: SD3's timestep shift of the sampling grid (1 = none)",
+    )
 
     def factory_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``diffusion_core.processes.make_process`` for ``name``."""
@@ -105,6 +109,7 @@ class ProcessParams(_Section):
             "vp": ("beta_min", "beta_max", "t_min"),
             "subvp": ("beta_min", "beta_max", "t_min"),
             "ve": ("sigma_min", "sigma_max", "t_min"),
+            "rectified_flow": ("t_min", "shift"),
         }[self.name]
         return {k: getattr(self, k) for k in keys}
 
@@ -117,7 +122,7 @@ class ModelParams(_Section):
     num_res_blocks: int = Field(ge=1, le=64)
     attention_resolutions: list[Annotated[int, Field(ge=1)]]
     dropout: float = Field(ge=0.0, lt=1.0)
-    prediction: Literal["eps", "x0", "v"]
+    prediction: Literal["eps", "x0", "v", "flow"]
     conditional: bool
     patch_size: int = Field(
         1, ge=1, le=64,
@@ -146,11 +151,13 @@ class TrainParams(_Section):
     )
     min_snr_gamma: float = Field(5.0, gt=0.0, description="gamma of min_snr (Hang et al. 2023)")
     sigma_data: float = Field(0.5, gt=0.0, description="data std of the edm weighting")
-    t_sampling: Literal["uniform", "log_normal"] = Field(
+    t_sampling: Literal["uniform", "log_normal", "logit_normal"] = Field(
         "uniform", description="training distribution of t (diffusion_core.noise_levels)"
     )
     p_mean: float = Field(-1.2, description="log_normal: mean of ln(sigma/alpha)")
     p_std: float = Field(1.2, gt=0.0, description="log_normal: std of ln(sigma/alpha)")
+    logit_mean: float = Field(0.0, description="logit_normal: mean of logit(t) (SD3)")
+    logit_std: float = Field(1.0, gt=0.0, description="logit_normal: std of logit(t) (SD3)")
     p_uncond: float = Field(ge=0.0, lt=1.0)
     guide_at: float = Field(
         0.0, ge=0.0, lt=1.0,

@@ -81,6 +81,8 @@ def train_config(params: Params) -> TrainConfig:
         t_sampling=t.t_sampling,
         p_mean=t.p_mean,
         p_std=t.p_std,
+        logit_mean=t.logit_mean,
+        logit_std=t.logit_std,
         p_uncond=t.p_uncond if params.model.conditional else 0.0,
         guide_at=t.guide_at,
         prediction=params.model.prediction,

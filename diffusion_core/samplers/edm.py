@@ -71,7 +71,7 @@ def edm_heun(
     nfe = 0
     for i in range(steps):
         t, s = float(grid[i]), float(grid[i + 1])
-        sig, a_t = edm_sigma(process, t), float(process.alpha(torch.tensor(t).double()))
+        sig, a_t = edm_sigma(process, t), float(process.alpha(torch.tensor(t, dtype=torch.float64)))
         y = x / a_t
         gamma = min(s_churn / steps, math.sqrt(2) - 1) if s_tmin <= sig <= s_tmax else 0.0
         t_hat, sig_hat = t, sig
@@ -80,14 +80,14 @@ def edm_heun(
             t_hat = time_of_sigma(process, sig_hat, lo=t)
             sig_hat = edm_sigma(process, t_hat)  # the level the network actually sees
             y = y + math.sqrt(sig_hat**2 - sig**2) * s_noise * randn_like(y, rng)
-        a_hat = float(process.alpha(torch.tensor(t_hat).double()))
+        a_hat = float(process.alpha(torch.tensor(t_hat, dtype=torch.float64)))
         d0 = denoiser(a_hat * y, torch.tensor(t_hat, dtype=torch.float64), labels).x0
         nfe += 1
         if s <= 0:
             x = d0
         else:
             sig_s = edm_sigma(process, s)
-            a_s = float(process.alpha(torch.tensor(s).double()))
+            a_s = float(process.alpha(torch.tensor(s, dtype=torch.float64)))
             slope = (y - d0) / sig_hat
             y_euler = y + (sig_s - sig_hat) * slope
             d1 = denoiser(a_s * y_euler, torch.tensor(s, dtype=torch.float64), labels).x0

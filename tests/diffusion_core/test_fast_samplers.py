@@ -13,32 +13,32 @@ import torch
 
 from diffusion_core.analytic import GaussianDenoiser, GaussianMixtureDenoiser
 from diffusion_core.guidance import ClassifierFreeGuidance
-from diffusion_core.processes import VESDE, VPSDE, DiscreteDDPM, SubVPSDE
+from diffusion_core.processes import VESDE, VPSDE, DiscreteDDPM, RectifiedFlow, SubVPSDE
 from diffusion_core.samplers import SAMPLERS, compatible, generate
 from diffusion_core.samplers.edm import edm_sigma, time_of_sigma
 
 SHAPE = (1, 4, 4)
 STD = 0.4
-PROCESSES = [DiscreteDDPM(1000), VPSDE(), SubVPSDE(), VESDE()]
+PROCESSES = [DiscreteDDPM(1000), VPSDE(), SubVPSDE(), VESDE(), RectifiedFlow()]
 FAST = ["dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "edm_heun"]
 
 
 def sigma_grid(process, steps, kind="logsnr", rho=7.0):
     """Descending times whose EDM noise levels sigma/alpha are uniform in log (= uniform in
-    log-SNR) or Karras-spaced (rho), from t = 1 to t_min, then 0 (test helper; the library's
-    spacings live in ``NoiseProcess.time_grid``)."""
-    hi, lo = edm_sigma(process, 1.0), edm_sigma(process, process.t_min)
+    log-SNR) or Karras-spaced (rho), from t_max (1 but for rectified flow) to t_min, then 0
+    (test helper; the library's spacings live in ``NoiseProcess.time_grid``)."""
+    hi, lo = edm_sigma(process, process.t_max), edm_sigma(process, process.t_min)
     u = torch.linspace(0, 1, steps, dtype=torch.float64)
     if kind == "logsnr":
         sig = torch.exp(math.log(hi) + u * (math.log(lo) - math.log(hi)))
     else:
         sig = (hi ** (1 / rho) + u * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
     inner = [time_of_sigma(process, float(s)) for s in sig[1:-1]]
-    return torch.tensor([1.0, *inner, process.t_min, 0.0], dtype=torch.float64)
+    return torch.tensor([process.t_max, *inner, process.t_min, 0.0], dtype=torch.float64)
 
 
 def exact_ode_output(process, mu, x_T, grid):
-    """The probability-flow ODE from t = 1 to grid[-2] followed by the denoising step."""
+    """The probability-flow ODE from grid[0] to grid[-2] followed by the denoising step."""
     def coef(t):
         t = torch.tensor(float(t), dtype=torch.float64)
         return float(process.alpha(t)), float(process.sigma(t))

@@ -8,7 +8,7 @@ import torch
 from diffusion_core.analytic import GaussianDenoiser
 from diffusion_core.data import from_levels, load_dataset, to_levels
 from diffusion_core.likelihood import bits_per_dim, ode_log_likelihood
-from diffusion_core.processes import VESDE, VPSDE, DiscreteDDPM, SubVPSDE
+from diffusion_core.processes import VESDE, VPSDE, DiscreteDDPM, RectifiedFlow, SubVPSDE
 from diffusion_core.rng import StackedRNG
 
 MU = torch.tensor([[[0.3, -0.2], [0.1, 0.5]]], dtype=torch.float64)
@@ -24,13 +24,13 @@ def analytic_logp(process, x, t=None, std=S):
     return -0.5 * sq / var - 0.5 * d * torch.log(2 * math.pi * var)
 
 
-@pytest.mark.parametrize("process", [VPSDE(), SubVPSDE(), VESDE(0.01, 20.0), DiscreteDDPM(1000)],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("process", [VPSDE(), SubVPSDE(), VESDE(0.01, 20.0), DiscreteDDPM(1000),
+                                     RectifiedFlow()], ids=lambda p: p.name)
 def test_exact_trace_likelihood_matches_analytic(process):
     d = GaussianDenoiser(MU, S, process)
     x = (MU + S * torch.randn(6, 1, 2, 2, generator=torch.Generator().manual_seed(0))).double()
     logp, nfe = ode_log_likelihood(d, process, x, exact_trace=True, rtol=1e-5, atol=1e-5,
-                                   prior_logp=lambda x1: analytic_logp(process, x1, 1.0))
+                                   prior_logp=lambda x1: analytic_logp(process, x1, process.t_max))
     assert torch.allclose(logp, analytic_logp(process, x), atol=2e-3)
     assert nfe > 10
     # with the process's own prior the only error left is the prior's mismatch with p_1

@@ -67,7 +67,7 @@ def test_weighted_error_is_the_same_for_every_target(process, weighting):
     eps_hat = eps_from_x0(x_t, x0_hat, ab, sb)
     lam = x0_weight(weighting, a, s)
     reference = lam * (x0_hat - x0).pow(2).flatten(1).sum(1)
-    for kind in ("eps", "x0", "v"):
+    for kind in ("eps", "x0", "v", "flow"):
         err = (training_target(kind, x0_hat, eps_hat, ab, sb)
                - training_target(kind, x0, eps, ab, sb)).pow(2).flatten(1).sum(1)
         torch.testing.assert_close(loss_weight(weighting, kind, a, s) * err, reference)

@@ -7,7 +7,7 @@ from torch import nn
 from diffusion_core.analytic import GaussianDenoiser
 from diffusion_core.denoiser import input_scale
 from diffusion_core.losses import denoising_loss
-from diffusion_core.processes import VESDE, VPSDE, DiscreteDDPM, broadcast
+from diffusion_core.processes import VESDE, VPSDE, DiscreteDDPM, RectifiedFlow, broadcast
 
 MU, S = 0.3, 0.5
 
@@ -29,6 +29,8 @@ class ExactNet(nn.Module):
             return out.eps
         if self.kind == "x0":
             return out.x0
+        if self.kind == "flow":
+            return out.eps - out.x0
         return a * out.eps - s * out.x0
 
 
@@ -41,12 +43,14 @@ def closed_form(process, kind, n=200_000):
         return (a**2 * S**2 / (a**2 * S**2 + s**2)).mean().item()
     if kind == "x0":
         return var_x0.mean().item()
+    if kind == "flow":  # ||d u||^2 = ((alpha + sigma) / sigma)^2 ||d x0||^2
+        return (((a + s) / s) ** 2 * var_x0).mean().item()
     return (((a**2 + s**2) / s) ** 2 * var_x0).mean().item()
 
 
-@pytest.mark.parametrize("process", [DiscreteDDPM(1000), VPSDE(), VESDE(0.01, 5.0)],
-                         ids=lambda p: p.name)
-@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
+@pytest.mark.parametrize("process", [DiscreteDDPM(1000), VPSDE(), VESDE(0.01, 5.0),
+                                     RectifiedFlow()], ids=lambda p: p.name)
+@pytest.mark.parametrize("kind", ["eps", "x0", "v", "flow"])
 def test_bayes_optimal_loss(process, kind):
     g = torch.Generator().manual_seed(0)
     x0 = MU + S * torch.randn(50_000, 1, 2, 2, generator=g, dtype=torch.float64)

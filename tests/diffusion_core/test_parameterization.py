@@ -17,7 +17,7 @@ def case():
     return x0, eps, alpha, sigma, alpha * x0 + sigma * eps
 
 
-@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
+@pytest.mark.parametrize("kind", ["eps", "x0", "v", "flow"])
 def test_prediction_roundtrip(case, kind):
     x0, eps, alpha, sigma, x = case
     target = P.training_target(kind, x0, eps, alpha, sigma)
@@ -45,3 +45,18 @@ def test_unknown_kind():
     z = torch.zeros(1)
     with pytest.raises(ValueError, match="unknown prediction"):
         P.training_target("score", z, z, z + 1, z + 1)
+
+
+def test_flow_is_the_velocity_of_the_linear_path_and_finite_at_pure_noise():
+    """On x_t = (1 - t) x0 + t eps the flow u = eps - x0 is dx_t/dt, and x0 = x_t - t u,
+    eps = x_t + (1 - t) u hold for every t in [0, 1], including t = 1 where alpha = 0."""
+    g = torch.Generator().manual_seed(1)
+    x0, eps = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.tensor([0.0, 0.2, 0.5, 0.9, 1.0], dtype=torch.float64)[:, None]
+    x = (1 - t) * x0 + t * eps
+    u = P.training_target("flow", x0, eps, 1 - t, t)
+    h = 1e-6
+    assert torch.allclose(u, ((1 - t + h) * x0 + (t - h) * eps - x) / -h, atol=1e-8)
+    eps_hat, x0_hat = P.eps_x0_from_prediction("flow", u, x, 1 - t, t)
+    assert torch.allclose(x0_hat, x - t * u) and torch.allclose(eps_hat, x + (1 - t) * u)
+    assert torch.allclose(x0_hat, x0, atol=1e-12) and torch.allclose(eps_hat, eps, atol=1e-12)

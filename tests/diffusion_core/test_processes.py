@@ -10,6 +10,7 @@ from diffusion_core.processes import (
     VESDE,
     VPSDE,
     DiscreteDDPM,
+    RectifiedFlow,
     SubVPSDE,
     cosine_betas,
     linear_betas,
@@ -17,8 +18,8 @@ from diffusion_core.processes import (
     shift_logsnr,
 )
 
-ALL = [DiscreteDDPM(), VPSDE(), SubVPSDE(), VESDE()]
-CONTINUOUS = [VPSDE(), SubVPSDE(), VESDE()]
+ALL = [DiscreteDDPM(), VPSDE(), SubVPSDE(), VESDE(), RectifiedFlow()]
+CONTINUOUS = [VPSDE(), SubVPSDE(), VESDE(), RectifiedFlow()]
 
 
 def test_linear_betas_match_ho_et_al():
@@ -161,11 +162,11 @@ def test_time_grid_shape(process, spacing):
     assert g.numel() == 21
     assert g[-1].item() == 0.0
     assert torch.all(g[1:] < g[:-1])
-    assert g[0].item() <= 1.0 and g[-2].item() >= process.t_min - 1e-12
+    assert g[0].item() <= process.t_max and g[-2].item() >= process.t_min - 1e-12
     # which ends a spacing includes
-    starts_at_1 = spacing in ("linspace", "trailing", "logsnr", "karras")
+    starts_at_max = spacing in ("linspace", "trailing", "logsnr", "karras")
     ends_at_min = spacing != "trailing"
-    assert (g[0].item() == pytest.approx(1.0)) == starts_at_1
+    assert (g[0].item() == pytest.approx(process.t_max)) == starts_at_max
     assert (g[-2].item() == pytest.approx(process.t_min)) == ends_at_min
 
 
@@ -221,11 +222,11 @@ def test_ddpm_grid_matches_diffusers_timesteps(spacing, n, steps):
 
 @pytest.mark.parametrize("process", CONTINUOUS, ids=lambda p: p.name)
 def test_continuous_index_spacings(process):
-    lo = process.t_min
+    lo, hi = process.t_min, process.t_max
     u = {"linspace": [1.0, 0.75, 0.5, 0.25, 0.0], "leading": [0.8, 0.6, 0.4, 0.2, 0.0],
          "trailing": [1.0, 0.8, 0.6, 0.4, 0.2], "quadratic": [0.8, 0.45, 0.2, 0.05, 0.0]}
     for spacing, frac in u.items():
-        expected = torch.tensor([lo + (1 - lo) * f for f in frac] + [0.0], dtype=torch.float64)
+        expected = torch.tensor([lo + (hi - lo) * f for f in frac] + [0.0], dtype=torch.float64)
         assert torch.allclose(process.time_grid(5, spacing), expected, atol=1e-12), spacing
 
 
@@ -239,7 +240,8 @@ def test_logsnr_grid_is_uniform_in_lambda(process):
         assert torch.all((lam - ideal).abs() <= one_step)
     else:
         assert torch.allclose(lam.diff(), lam.diff().mean().expand(7), rtol=1e-8)
-        assert lam[0].item() == pytest.approx(process.log_snr(torch.tensor(1.0)).item())
+        lam_max = process.log_snr(torch.tensor(process.t_max, dtype=torch.float64))
+        assert lam[0].item() == pytest.approx(lam_max.item())
 
 
 @pytest.mark.parametrize("process", CONTINUOUS, ids=lambda p: p.name)
@@ -251,12 +253,12 @@ def test_karras_grid_spaces_sigma_over_alpha(process, rho):
     i = torch.arange(6, dtype=torch.float64) / 5
     expected = (smax ** (1 / rho) + i * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
     assert torch.allclose(sig, expected, rtol=1e-8)
-    assert g[0].item() == 1.0 and g[-1].item() == process.t_min
+    assert g[0].item() == process.t_max and g[-1].item() == process.t_min
 
 
 @pytest.mark.parametrize("process", ALL, ids=lambda p: p.name)
 def test_inverse_log_snr(process):
-    t = torch.tensor([process.t_min, 0.013, 0.3, 0.77, 1.0], dtype=torch.float64)
+    t = torch.tensor([process.t_min, 0.013, 0.3, 0.77, process.t_max], dtype=torch.float64)
     assert torch.allclose(process.inverse_log_snr(process.log_snr(t)), t, atol=1e-9)
 
 

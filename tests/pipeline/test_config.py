@@ -165,6 +165,8 @@ BAD: list[tuple[str, Edit, str]] = [
     ("logsnr shift", _set("process", "logsnr_shift", 50), "process.logsnr_shift: Input should be"),
     ("loss weighting", _set("train", "loss_weighting", "p2"), "train.loss_weighting: Input should be"),
     ("t sampling", _set("train", "t_sampling", "beta"), "train.t_sampling: Input should be"),
+    ("timestep shift", _set("process", "shift", 0.0), "process.shift: Input should be"),
+    ("logit std", _set("train", "logit_std", 0.0), "train.logit_std: Input should be"),
     ("power ema std", _set("train", "ema_std", 0.5), "train.ema_std: Input should be less than"),
     ("confidence", _set("evaluate", "confidence", 1.0), "evaluate.confidence: Input should be"),
     (
@@ -377,6 +379,21 @@ def test_process_factory_kwargs_pick_the_named_process() -> None:
     assert params.process.factory_kwargs() == {"sigma_min": 0.01, "sigma_max": 50.0, "t_min": 1e-3}
     ddpm = validate_params(default_raw()).process.factory_kwargs()
     assert set(ddpm) == {"num_steps", "schedule", "beta_start", "beta_end", "logsnr_shift"}
+
+
+def test_rectified_flow_with_flow_prediction_and_logit_normal_times() -> None:
+    def edit(raw: dict[str, Any]) -> None:
+        raw["process"].update(name="rectified_flow", shift=3.0)
+        raw["model"]["prediction"] = "flow"
+        raw["train"].update(t_sampling="logit_normal", logit_mean=0.5)
+
+    from pipeline.train import train_config
+
+    params = validate_params(edited(edit))
+    assert params.process.factory_kwargs() == {"t_min": 1e-3, "shift": 3.0}
+    cfg = train_config(params)
+    assert (cfg.prediction, cfg.t_sampling, cfg.logit_mean, cfg.logit_std) == (
+        "flow", "logit_normal", 0.5, 1.0)
 
 
 def test_flatten() -> None:
