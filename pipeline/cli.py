@@ -267,8 +267,9 @@ def generate(
     sampler: Annotated[str, typer.Option(help="ddpm, ddim, sde, pc, ode_heun, ode_rk45, "
                                          "dpmpp_2m, ... (diffusion_core.samplers).")] = "ddim",
     steps: Annotated[int, typer.Option(help="Sampling steps (ode_rk45 adapts its own).")] = 50,
-    spacing: Annotated[str, typer.Option(help="Time-grid spacing (linspace, quadratic, logsnr, "
-                                         "karras, ...).")] = "linspace",
+    spacing: Annotated[str | None, typer.Option(
+        help="Time-grid spacing (linspace, quadratic, logsnr, karras, ...); default: the "
+             "sampler's own (docs/samplers.md).")] = None,
     guidance: Annotated[float, typer.Option(
         "--guidance", "-w", help="Classifier-free guidance weight w (scale 1 + w); 0 = none.")
     ] = 0.0,

@@ -46,7 +46,7 @@ class GenerateOptions:
     out: Path = Path("runs/generated")
     sampler: str = "ddim"
     steps: int = 50
-    spacing: str = "linspace"
+    spacing: str | None = None  # the sampler's own
     guidance: float = 0.0
     autoguidance: float = 0.0
     clip_x0: bool = False
@@ -193,9 +193,13 @@ def pick_device(spec: str) -> torch.device:
 
 def run(o: GenerateOptions) -> dict[str, Any]:
     """Generate; returns the record written to ``generate.json`` (on every rank)."""
+    from dataclasses import replace
+
     from diffusion_core.distributed import cleanup, setup_distributed
+    from diffusion_core.sampler_registry import spec_of
 
     check_options(o)
+    o = replace(o, spacing=o.spacing or spec_of(o.sampler).spacing)  # recorded as used
     settings = parse_settings(o.sampler, o.settings)
     device = pick_device(o.device)
     checkpoint = resolve_model(o.model)
@@ -216,7 +220,7 @@ def _generate(o: GenerateOptions, settings: dict[str, Any], checkpoint: Path, di
               device: torch.device) -> dict[str, Any]:
     from diffusion_core.distributed import barrier
     from diffusion_core.guidance import network_evaluations
-    from diffusion_core.samplers import compatible
+    from diffusion_core.samplers import compatible, sampling_grid
     from pipeline.files import file_digest, write_bytes, write_json
     from pipeline.sample import _png, grid_png
     from pipeline.sampling import Recipe, guided_denoiser, load_model
@@ -238,7 +242,7 @@ def _generate(o: GenerateOptions, settings: dict[str, Any], checkpoint: Path, di
     if reason is not None:
         raise OptionError(f"--steps: {reason}")
     try:
-        process.time_grid(recipe.steps or 2, o.spacing)
+        sampling_grid(process, recipe.sampler, recipe.steps or 2, o.spacing)
     except ValueError as exc:
         raise OptionError(f"--spacing: {exc} (got {o.spacing!r})") from None
     try:

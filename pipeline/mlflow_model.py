@@ -10,7 +10,7 @@ Input, one row per image (a pandas DataFrame):
 Params (MLflow inference params, all optional): ``sampler`` (``ddim``; any name of
 ``diffusion_core.samplers.SAMPLERS``), ``steps`` (50), ``guidance`` (classifier-free guidance
 weight ``w``, 0), ``autoguidance`` (its weight against the model's ``train.guide_at``
-snapshot, 0), ``spacing`` (``linspace``), ``clip_x0`` (false), ``settings`` (the sampler's own
+snapshot, 0), ``spacing`` (empty: the sampler's own), ``clip_x0`` (false), ``settings`` (the sampler's own
 settings as a JSON object, e.g. ``{"eta": 0.5}``; empty: none), ``device`` (``auto``: CUDA when
 present).
 
@@ -85,7 +85,7 @@ PARAMS: dict[str, tuple[str, Any]] = {
     "steps": ("long", 50),
     "guidance": ("double", 0.0),
     "autoguidance": ("double", 0.0),
-    "spacing": ("string", "linspace"),
+    "spacing": ("string", ""),  # "": the sampler's own (docs/samplers.md)
     "clip_x0": ("boolean", False),
     "settings": ("string", ""),
     "device": ("string", "auto"),
@@ -101,7 +101,7 @@ def _recipe(p: dict[str, Any]) -> Recipe:
         raise ValueError(f"settings: expected a JSON object such as {{'eta': 0.5}}: {exc}") from None
     if not isinstance(settings, dict):
         raise ValueError(f"settings: expected a JSON object (got {p['settings']!r})")
-    return Recipe(str(p["sampler"]), steps=int(p["steps"]), spacing=str(p["spacing"]),
+    return Recipe(str(p["sampler"]), steps=int(p["steps"]), spacing=str(p["spacing"]) or None,
                   guidance=float(p["guidance"]), autoguidance=float(p["autoguidance"]),
                   clip_x0=bool(p["clip_x0"]), settings=settings)
 

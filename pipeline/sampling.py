@@ -53,12 +53,13 @@ STEP_BAR_MIN = 100
 @dataclass(frozen=True)
 class Recipe:
     """How to sample: a sampler of :data:`diffusion_core.samplers.SAMPLERS`, its ``steps``
-    (None for ``ode_rk45``, which adapts its own), the time-grid ``spacing``, the guidance
+    (None for ``ode_rk45``, which adapts its own), the time-grid ``spacing`` (None: the
+    sampler's own, from :mod:`diffusion_core.sampler_registry`), the guidance
     weights, ``x_0`` clipping and the sampler's own ``settings`` (``eta``, ``snr``, ...)."""
 
     sampler: str
     steps: int | None = 50
-    spacing: str = "linspace"
+    spacing: str | None = None
     guidance: float = 0.0
     autoguidance: float = 0.0
     clip_x0: bool = False
@@ -72,7 +73,7 @@ class Recipe:
     def of_method(cls, m: Method) -> Recipe:
         """The recipe of a ``methods:`` entry of ``params.yaml``."""
         return cls(sampler=m.sampler, steps=getattr(m, "steps", None),
-                   spacing=getattr(m, "spacing", "linspace"), guidance=m.guidance,
+                   spacing=getattr(m, "spacing", None), guidance=m.guidance,
                    autoguidance=m.autoguidance, clip_x0=m.clip_x0, settings=m.settings())
 
     def generate_kwargs(self) -> dict[str, Any]:

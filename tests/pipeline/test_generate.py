@@ -69,6 +69,17 @@ def test_same_images_for_any_batch_size_and_unconditional_names(model: Path,
     assert image_name(3, None, 7) == "00003_uncond_seed7.png"
 
 
+def test_the_default_spacing_is_the_samplers_own(model: Path, tmp_path: Path) -> None:
+    common = ["--model", str(model), "-n", "3", "--sampler", "dpmpp_2m", "--steps", "4",
+              "--no-png"]
+    assert generate(*common, "--out", str(tmp_path / "own"))[0] == 0
+    assert generate(*common, "--spacing", "logsnr", "--out", str(tmp_path / "logsnr"))[0] == 0
+    record = json.loads((tmp_path / "own" / "generate.json").read_text())
+    assert record["options"]["spacing"] == "logsnr"  # the registry's default for dpmpp_2m
+    own, logsnr = (np.load(tmp_path / d / "images.npz")["images"] for d in ("own", "logsnr"))
+    assert (own == logsnr).all()
+
+
 def test_sampler_settings_with_set(model: Path, tmp_path: Path) -> None:
     code, text = generate("--model", str(model), "-n", "2", "--sampler", "pc", "--steps", "3",
                           "--set", "snr=0.1", "--set", "corrector_steps=2",
