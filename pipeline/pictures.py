@@ -119,10 +119,11 @@ def gif_bytes(frames: Sequence[Any], ms: int = FRAME_MS) -> bytes:
 # ---------------------------------------------------------------------------------- pictures
 def forward_strip(process: NoiseProcess, x0: Tensor, seed: int,
                   times: Sequence[float] = FORWARD_TIMES) -> Any:
-    """``x_t = alpha(t) x_0 + sigma(t) eps`` of one image (C, H, W in [-1, 1]) at ``times``."""
+    """``x_t = alpha(t) x_0 + sigma(t) eps`` of one image (C, H, W in [-1, 1]) at ``times``,
+    each at most the process's last time ``t_max`` (below 1 for rectified flow)."""
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     cols, tops = [], []
-    for t in times:
+    for t in (min(float(t), process.t_max) for t in times):
         tt = torch.tensor(float(t), dtype=torch.float64)
         xt = process.marginal(x0[None].double(), tt, eps[None].double()) if t > 0 else x0[None]
         cols.append(to_uint8(xt.float()))
