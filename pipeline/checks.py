@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import FOLDER, Params, ParamsError, dataset_errors
+from pipeline.config import Params, ParamsError
 from pipeline.dataset import dataset_info
+from pipeline.dataset_facts import FOLDER, dataset_errors
 
 
 def check_buildable(params: Params) -> None:

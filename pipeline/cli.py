@@ -337,7 +337,7 @@ def check_params(
     problem if invalid). The first DVC stage: a bad edit stops `dvc repro` before any stage
     deletes its outputs."""
     from pipeline.checks import check_buildable
-    from pipeline.config import params_hash
+    from pipeline.params_digest import params_hash
 
     def show(p: Params) -> None:
         check_buildable(p)

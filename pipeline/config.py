@@ -7,10 +7,8 @@ Cross-field checks live in :class:`Params` and name the key they concern.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -26,36 +24,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from diffusion_core.sampler_registry import SPECS, SamplerSpec, Setting
-
-
-class DatasetInfo(NamedTuple):
-    """Facts about a dataset that the checks need before it is loaded."""
-
-    size: int  # number of images
-    image_size: int
-    channels: int
-    num_classes: int  # 0: unlabelled (a flat image folder)
-    pixel_levels: int  # distinct pixel values (bits/dim are reported on this scale)
-
-
-#: the registered datasets of fixed shape (``diffusion_core.data.DATASETS``); ``folder`` is not
-#: here: its facts come from the files (:func:`pipeline.dataset.dataset_info`)
-DATASETS: dict[str, DatasetInfo] = {
-    "digits": DatasetInfo(size=1797, image_size=8, channels=1, num_classes=10, pixel_levels=17),
-    "mnist": DatasetInfo(size=70000, image_size=28, channels=1, num_classes=10, pixel_levels=256),
-    "fashion_mnist": DatasetInfo(
-        size=70000, image_size=28, channels=1, num_classes=10, pixel_levels=256
-    ),
-    "cifar10": DatasetInfo(size=60000, image_size=32, channels=3, num_classes=10, pixel_levels=256),
-}
-FOLDER = "folder"
-#: the pixel levels of image files read with Pillow (8 bits per channel)
-FOLDER_PIXEL_LEVELS = 256
+from pipeline.dataset_facts import DATASETS, data_errors, dataset_errors
 
 METHOD_NAME = r"^[a-z][a-z0-9_-]*$"
-# Train settings that do not change what is learned (the library makes the global batch
-# independent of nproc): changing them keeps checkpoints resumable.
-BOOKKEEPING_TRAIN_KEYS = ("nproc", "threads_per_proc", "checkpoint_every", "keep_last", "log_every")
 
 
 class _Section(BaseModel):
@@ -326,84 +297,11 @@ class Params(_Section):
         return self.methods[name]
 
 
-def held_out_size(info: DatasetInfo, test_fraction: float) -> int:
-    """A lower bound on the test split of ``info.size`` images (stratified rounding per class)."""
-    return int(info.size * test_fraction - max(info.num_classes, 1) / 2)
-
-
-def _data_errors(data: DataParams, info: DatasetInfo | None) -> list[str]:
-    """``data`` keys that do not fit the dataset (``info`` is None for a folder)."""
-    if info is None:
-        errors = []
-        if data.root is None:
-            errors.append("data.root: the folder dataset needs root: <folder of images> (got None)")
-        if data.image_size is None:
-            errors.append(
-                "data.image_size: the folder dataset needs the size images are resized to "
-                "(got None)"
-            )
-        return errors
-    errors = []
-    if data.image_size not in (None, info.image_size):
-        errors.append(
-            f"data.image_size: {data.dataset} images are {info.image_size}x{info.image_size}; set "
-            f"null or {info.image_size} (got {data.image_size})"
-        )
-    if data.channels not in (None, info.channels):
-        errors.append(
-            f"data.channels: {data.dataset} images have {info.channels} channel(s); set null or "
-            f"{info.channels} (got {data.channels})"
-        )
-    return errors
-
-
-def dataset_errors(p: Params, info: DatasetInfo) -> list[str]:
-    """Messages for values that do not fit the dataset's size, classes or labels.
-
-    Checked at validation for the registered datasets; for a folder (whose facts come from its
-    files) by ``diffusion check-params`` and again by ``prepare``.
-    """
-    errors: list[str] = []
-    what = f"the image folder {p.data.root}" if p.data.dataset == FOLDER else p.data.dataset
-    strata = max(info.num_classes, 1)  # the split rounds each class's share (one if unlabelled)
-    train_size = info.size - int(info.size * p.data.test_fraction + strata / 2) - 1
-    if p.train.batch_size > train_size:
-        errors.append(
-            f"train.batch_size: must not exceed the {train_size} training images "
-            f"(got {p.train.batch_size})"
-        )
-    test_size = held_out_size(info, p.data.test_fraction)
-    if p.evaluate.bpd_images > test_size:
-        errors.append(
-            f"evaluate.bpd_images: must not exceed the {test_size} test images "
-            f"(got {p.evaluate.bpd_images})"
-        )
-    if info.num_classes == 0 and p.model.conditional:
-        errors.append(
-            f"model.conditional: {what} is flat (no class subfolders), so it has no labels; set "
-            "model.conditional: false or sort the images into one subfolder per class (got True)"
-        )
-    if info.num_classes < 2 and p.evaluate.extractor == "classifier":
-        errors.append(
-            f"evaluate.extractor: the classifier extractor learns from class labels and {what} "
-            f"has {info.num_classes} classes; use inception or two or more class subfolders "
-            "(got 'classifier')"
-        )
-    for name, m in p.methods.items():
-        bad = [c for c in m.classes or [] if c >= info.num_classes]
-        if bad:
-            errors.append(
-                f"methods.{name}.classes: labels must be below {info.num_classes} "
-                f"(got {m.classes})"
-            )
-    return errors
-
-
 def _cross_field_errors(p: Params) -> list[str]:
     """Messages ``key: problem (got value)`` for values that are wrong only together."""
     errors: list[str] = []
     pr, info = p.process, DATASETS.get(p.data.dataset)
-    errors += _data_errors(p.data, info)
+    errors += data_errors(p.data, info)
     if pr.beta_end <= pr.beta_start:
         errors.append(f"process.beta_end: must exceed process.beta_start (got {pr.beta_end})")
     if pr.beta_max <= pr.beta_min:
@@ -542,44 +440,3 @@ def load_params(path: str | Path) -> Params:
         first = (str(exc).splitlines() or [""])[0]
         raise ParamsError(f"{path}: invalid YAML value: {first}") from None
     return validate_params(raw, source=str(path))
-
-
-def _digest(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def params_hash(params: Params) -> str:
-    """A short hash of all validated parameters (formatting and comments do not count)."""
-    return _digest(params.model_dump(mode="json"))[:12]
-
-
-def train_config_hash(params: Params, data_digest: str) -> str:
-    """Hash of everything that decides the trained weights: a resume is allowed only on a match.
-
-    Covers ``seed``, ``data``, ``process``, ``model``, ``train`` (less bookkeeping keys such as
-    ``log_every``) and the digest of the prepared training data.
-    """
-    train = params.train.model_dump(mode="json")
-    for key in BOOKKEEPING_TRAIN_KEYS:
-        train.pop(key)
-    return _digest(
-        {
-            "seed": params.seed,
-            "data": params.data.model_dump(mode="json"),
-            "process": params.process.model_dump(mode="json"),
-            "model": params.model.model_dump(mode="json"),
-            "train": train,
-            "data_digest": data_digest,
-        }
-    )[:16]
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Flatten nested dicts with dotted keys: ``{"a": {"b": 1}} -> {"a.b": 1}``."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out

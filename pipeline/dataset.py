@@ -1,6 +1,6 @@
 """The configured dataset: its facts (size, shape, classes) and its images for ``prepare``.
 
-The registered datasets have fixed facts (:data:`pipeline.config.DATASETS`). An image folder's
+The registered datasets have fixed facts (:data:`pipeline.dataset_facts.DATASETS`). An image folder's
 come from its files: once ``prepare`` has run, from what it recorded in
 ``data/prepared/info.json`` (what every later stage trained and scored on), before that from a
 scan of the folder (file names only, plus the image headers when ``data.channels`` is null).
@@ -21,15 +21,8 @@ from diffusion_core.image_folder import (
     scan_image_folder,
 )
 from pipeline import paths
-from pipeline.config import (
-    DATASETS,
-    FOLDER,
-    FOLDER_PIXEL_LEVELS,
-    DataParams,
-    DatasetInfo,
-    Params,
-    ParamsError,
-)
+from pipeline.config import DataParams, Params, ParamsError
+from pipeline.dataset_facts import DATASETS, FOLDER, FOLDER_PIXEL_LEVELS, DatasetInfo
 from pipeline.errors import StageError
 from pipeline.files import read_json
 

@@ -20,7 +20,8 @@ from typing import Any
 
 from diffusion_core.atomic import atomic_path as atomic_path  # re-exported
 from diffusion_core.atomic import write_bytes as _write_bytes
-from pipeline.config import Params, params_hash
+from pipeline.config import Params
+from pipeline.params_digest import params_hash
 
 PROVENANCE_DIR = Path("provenance")
 TIMING_DIR = Path("runs/timing")

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import paths
-from pipeline.config import Params, flatten, params_hash
+from pipeline.config import Params
 from pipeline.files import (
     PROVENANCE_DIR,
     file_digest,
@@ -54,6 +54,7 @@ from pipeline.files import (
     repo_root,
     run_context,
 )
+from pipeline.params_digest import flatten, params_hash
 from pipeline.tracking import (
     Tracker,
     find_state_run,

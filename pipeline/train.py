@@ -25,7 +25,7 @@ from diffusion_core.processes import make_process
 from diffusion_core.training import TrainConfig, TrainResult, resolve_precision, train
 from diffusion_core.unet import UNet
 from pipeline import paths
-from pipeline.config import Params, ParamsError, flatten, params_hash, train_config_hash
+from pipeline.config import Params, ParamsError
 from pipeline.dataset import dataset_info
 from pipeline.errors import StageError, StageInterruptedError
 from pipeline.files import (
@@ -37,6 +37,7 @@ from pipeline.files import (
     write_timing,
 )
 from pipeline.locks import FolderLock
+from pipeline.params_digest import flatten, params_hash, train_config_hash
 from pipeline.prepare import load_split, tensor_digest
 from pipeline.progress import Progress
 from pipeline.tracking import Tracker, run_name, run_tags

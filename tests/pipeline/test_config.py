@@ -14,16 +14,9 @@ from _pipeline_helpers import REPO, default_raw, tiny_raw, write_params
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import (
-    DATASETS,
-    ParamsError,
-    flatten,
-    held_out_size,
-    load_params,
-    params_hash,
-    train_config_hash,
-    validate_params,
-)
+from pipeline.config import ParamsError, load_params, validate_params
+from pipeline.dataset_facts import DATASETS, held_out_size
+from pipeline.params_digest import flatten, params_hash, train_config_hash
 
 Edit = Callable[[dict[str, Any]], None]
 

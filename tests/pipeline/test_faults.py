@@ -27,9 +27,10 @@ from typer.testing import CliRunner
 
 from pipeline import launch
 from pipeline.cli import app
-from pipeline.config import Params, ParamsError, flatten, load_params
+from pipeline.config import Params, ParamsError, load_params
 from pipeline.errors import StageError
 from pipeline.locks import FolderLock, lock_path
+from pipeline.params_digest import flatten
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from _pipeline_helpers import tiny_raw
 
-from pipeline.config import params_hash, validate_params
+from pipeline.config import validate_params
 from pipeline.files import (
     atomic_path,
     file_digest,
@@ -19,6 +19,7 @@ from pipeline.files import (
     write_provenance,
     write_text,
 )
+from pipeline.params_digest import params_hash
 
 
 def test_write_json_round_trips_and_creates_folders(tmp_path: Path) -> None:
