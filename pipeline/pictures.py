@@ -229,8 +229,11 @@ def _message(text: str) -> Any:
 
 # ------------------------------------------------------------------------------------ stage
 def run(params: Params) -> list[Path]:
-    """Write every picture into ``reports/process``; returns the files written."""
+    """Write every picture into ``reports/process``; returns the files written. On the CPU in
+    one thread: every chain is a few images, for which more threads only wait on each other."""
     device = default_device()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     model = load_model(device)
     denoiser, process = model.denoiser, model.process
     num_classes, shape = model.num_classes, model.shape
