@@ -63,6 +63,17 @@ def test_each_round_writes_a_loadable_student_and_the_compute(workspace: Path) -
     assert set(record["students"]) == {"student_2", "student_1"}
 
 
+def test_the_final_student_is_a_registered_model_of_its_own(workspace: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    versions = client.search_model_versions("name='diffusion-digits-student'")
+    assert len(versions) == 1
+    run = client.get_run(versions[0].run_id)
+    assert run.data.tags["run.kind"] == "distill"
+    assert run.data.metrics["distill/images_seen"] == 2 * 4 * 16
+
+
 def test_a_student_differs_from_its_teacher(workspace: Path) -> None:
     teacher = torch.load(paths.MODEL, weights_only=True)["ema"]
     student = torch.load(paths.student_path(2), weights_only=True)["ema"]
