@@ -24,7 +24,8 @@ from pipeline.errors import StageError, StageInterruptedError
 
 app = typer.Typer(
     name="diffusion",
-    help="Diffusion-model pipeline: prepare, classifier, train, sample, evaluate, report, track.",
+    help="Diffusion-model pipeline: prepare, classifier, train, distill, sample, evaluate, report, "
+         "track.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -145,6 +146,20 @@ def train(params: ParamsOption = DEFAULT_PARAMS) -> None:
     `python -m torch.distributed.run --standalone --nproc-per-node=N -m pipeline train`.
     """
     from pipeline.train import run
+
+    _run(run, params)
+
+
+@app.command()
+def distill(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Distil the trained model into 1-4 step students (progressive distillation, under torchrun
+    for several processes); resumes from runs/distill/checkpoint.pt.
+
+    Writes runs/distill/student_K.pt per round (sampled by `methods.M.student: K`) and
+    metrics/distill.json (images seen, wall time, beside the teacher's); with
+    `distill.enabled: false` a skipped record only.
+    """
+    from pipeline.distill import run
 
     _run(run, params)
 

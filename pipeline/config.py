@@ -184,6 +184,11 @@ class _Method(_Section):
     clip_x0: bool = Field(
         False, description="clamp every x_0 estimate to [-1, 1] (after guidance), eps re-derived"
     )
+    student: int | None = Field(
+        None, ge=1, description="sample the distilled student of this many steps "
+                                "(runs/distill/student_<k>.pt; ddim, eta 0, trailing); null = the "
+                                "trained model",
+    )
 
     def settings(self) -> dict[str, Any]:
         """The sampler-specific keyword arguments of ``samplers.generate``."""
@@ -231,6 +236,38 @@ METHOD_MODELS: dict[str, type[_Method]] = {name: method_model(s) for name, s in 
 Method = Annotated[Union[tuple(METHOD_MODELS.values())],  # noqa: UP007
                    Field(discriminator="sampler")]
 MethodName = Annotated[str, Field(pattern=METHOD_NAME)]
+
+
+class DistillParams(_Section):
+    """Progressive distillation (Salimans & Ho 2022) of the trained model's EMA weights: round
+    ``r`` trains a student of ``teacher_steps / 2^r`` DDIM steps (``diffusion_core.distillation``).
+    """
+
+    enabled: bool = Field(False, description="run the distill stage (off: a skipped record)")
+    teacher_steps: int = Field(
+        64, ge=2, le=4096, description="N: the teacher's DDIM steps (trailing grid), a power of two"
+    )
+    rounds: int = Field(6, ge=1, le=12, description="halvings: students of N/2, ..., N/2^rounds")
+    steps_per_round: int = Field(400, ge=1)
+    batch_size: int = Field(128, ge=1, description="global batch size, split over nproc")
+    lr: float = Field(5.0e-4, gt=0.0)
+    lr_decay: Literal["none", "linear", "cosine"] = Field(
+        "linear", description="lr decay to 0 at each round's last step (the paper: linear)"
+    )
+    grad_clip: float = Field(1.0, ge=0.0, description="max gradient norm; 0 = off")
+    ema_decay: float = Field(0.995, ge=0.0, lt=1.0, description="EMA of each round's student")
+    prediction: Literal["v", "x0", "eps"] = Field(
+        "v", description="the student's output; eps is ill-conditioned at 1-4 steps"
+    )
+    weighting: Literal["truncated_snr", "snr_plus_one"] = "truncated_snr"
+    nproc: int = Field(1, ge=1)
+    threads_per_proc: int = Field(1, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(50, ge=1)
+
+    def student_steps(self) -> list[int]:
+        """The step counts of the students the rounds write, in order: N/2, N/4, ..."""
+        return [self.teacher_steps >> r for r in range(1, self.rounds + 1)]
 
 
 class EvaluateParams(_Section):
@@ -282,6 +319,7 @@ class Params(_Section):
     methods: dict[MethodName, Method] = Field(min_length=1)
     evaluate: EvaluateParams
     tracking: TrackingParams = TrackingParams()
+    distill: DistillParams = DistillParams()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
@@ -332,6 +370,7 @@ def _cross_field_errors(p: Params) -> list[str]:
             f"(got {p.evaluate.baseline!r})"
         )
     errors += _method_errors(p)
+    errors += _distill_errors(p)
     if info is not None:
         errors += dataset_errors(p, info)
     return errors
@@ -378,6 +417,53 @@ def _method_errors(p: Params) -> list[str]:
                 f"{key}.autoguidance: needs the guide snapshot of train.guide_at > 0 (e.g. 0.25) "
                 f"(got autoguidance={m.autoguidance}, train.guide_at=0)"
             )
+    return errors
+
+
+def _distill_errors(p: Params) -> list[str]:
+    """The distill section's own rules, and each ``student`` method's agreement with it: a
+    student is sampled with ``ddim``, ``eta: 0``, ``spacing: trailing`` and its own steps."""
+    d, errors = p.distill, []
+    n = d.teacher_steps
+    if n & (n - 1):
+        errors.append(f"distill.teacher_steps: must be a power of two (got {n})")
+    elif d.rounds > n.bit_length() - 1:
+        errors.append(f"distill.rounds: at most log2(distill.teacher_steps={n}) = "
+                      f"{n.bit_length() - 1} halvings (got {d.rounds})")
+    if p.process.name == "ddpm" and n > p.process.num_steps:
+        errors.append(f"distill.teacher_steps: must not exceed process.num_steps="
+                      f"{p.process.num_steps} (got {n})")
+    if d.enabled and d.batch_size % d.nproc:
+        errors.append(f"distill.batch_size: must be divisible by distill.nproc={d.nproc} "
+                      f"(got {d.batch_size})")
+    for name, m in p.methods.items():
+        errors += _student_errors(p, f"methods.{name}", m)
+    return errors
+
+
+def _student_errors(p: Params, key: str, m: Any) -> list[str]:
+    """One line per way method ``key`` disagrees with the student it names."""
+    k = m.student
+    if k is None:
+        return []
+    if not p.distill.enabled:
+        return [f"{key}.student: needs the distill stage (distill.enabled: true) (got {k})"]
+    made = p.distill.student_steps()
+    if k not in made:
+        return [f"{key}.student: the distill rounds make students of {made} steps (got {k})"]
+    errors = []
+    if m.sampler != "ddim":
+        errors.append(f"{key}.sampler: a student is sampled with ddim (got {m.sampler!r})")
+    else:
+        if m.steps != k:
+            errors.append(f"{key}.steps: must equal student={k} (got {m.steps})")
+        if m.spacing != "trailing":
+            errors.append(f"{key}.spacing: a student's grid is trailing (got {m.spacing!r})")
+        if m.eta != 0:
+            errors.append(f"{key}.eta: a student takes deterministic steps, eta 0 (got {m.eta})")
+    if m.autoguidance > 0:
+        errors.append(f"{key}.autoguidance: a student has no guide snapshot "
+                      f"(got {m.autoguidance})")
     return errors
 
 

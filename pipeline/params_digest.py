@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 # Train settings that do not change what is learned (the library makes the global batch
 # independent of nproc): changing them keeps checkpoints resumable.
 BOOKKEEPING_TRAIN_KEYS = ("nproc", "threads_per_proc", "checkpoint_every", "keep_last", "log_every")
+# Distill settings that do not change the students (nproc does: each rank draws its own noise).
+BOOKKEEPING_DISTILL_KEYS = ("enabled", "threads_per_proc", "checkpoint_every", "log_every")
 
 
 def _digest(obj: Any) -> str:
@@ -45,6 +47,18 @@ def train_config_hash(params: Params, data_digest: str) -> str:
             "data_digest": data_digest,
         }
     )[:16]
+
+
+def distill_config_hash(params: Params, teacher_sha256: str) -> str:
+    """Hash of everything that decides the distilled students (``seed``, ``distill`` less
+    bookkeeping keys, the label dropout they see and the teacher's file digest): the distill
+    stage resumes its checkpoint only on a match."""
+    distill = params.distill.model_dump(mode="json")
+    for key in BOOKKEEPING_DISTILL_KEYS:
+        distill.pop(key)
+    p_uncond = params.train.p_uncond if params.model.conditional else 0.0
+    return _digest({"seed": params.seed, "distill": distill, "p_uncond": p_uncond,
+                    "teacher": teacher_sha256})[:16]
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

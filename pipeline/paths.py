@@ -23,6 +23,11 @@ MODEL = TRAIN_DIR / "model.pt"
 LOSS_CSV = TRAIN_DIR / "loss.csv"
 TRAIN_METRICS = Path("metrics/train.json")
 
+DISTILL_DIR = Path("runs/distill")  # student_<k>.pt and the round checkpoint (DVC-cached)
+DISTILL_CHECKPOINT = DISTILL_DIR / "checkpoint.pt"
+DISTILL_SKIPPED = DISTILL_DIR / "skipped.json"
+DISTILL_METRICS = Path("metrics/distill.json")
+
 SUMMARY = Path("metrics/summary.json")
 COMPARE = Path("metrics/compare.json")
 SUMMARY_MD = Path("reports/summary.md")
@@ -30,6 +35,11 @@ FID_VS_NFE = Path("reports/fid_vs_nfe.csv")
 FID_VS_NFE_PNG = Path("reports/fid_vs_nfe.png")
 GUIDANCE_TRADEOFF = Path("reports/guidance_tradeoff.csv")
 GUIDANCE_TRADEOFF_PNG = Path("reports/guidance_tradeoff.png")
+
+
+def student_path(steps: int) -> Path:
+    """The distilled student of ``steps`` sampling steps, a model file like ``MODEL``."""
+    return DISTILL_DIR / f"student_{steps}.pt"
 
 
 def samples_dir(method: str) -> Path:

@@ -257,7 +257,8 @@ def run(params: Params) -> list[Path]:
             print(f"pictures: {name}: skipped ({reason})")
             continue
         labels = method_labels(m, PICTURE_SEEDS, num_classes)
-        guided = guided_denoiser(model, Recipe.of_method(m), device,
+        sampled = model if m.student is None else load_model(device, paths.student_path(m.student))
+        guided = guided_denoiser(sampled, Recipe.of_method(m), device,
                                  option=f"methods.{name}.autoguidance")
         chain = reverse_chain(guided, process, sampler, shape=shape, seeds=seeds, labels=labels,
                               steps=steps, device=device, spacing=getattr(m, "spacing", None),

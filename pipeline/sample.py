@@ -11,7 +11,9 @@ its null label (the unconditional model that label dropout trained); it stores n
 
 Under ``torchrun`` (``sample.nproc`` processes in ``dvc.yaml``) rank ``r`` of ``W`` draws images
 ``r, r + W, r + 2W, ...`` and rank 0 gathers them (:mod:`pipeline.shards`) and writes the files: the
-samples and the grid are those of one process, bit for bit. The model is loaded and sampled through
+samples and the grid are those of one process, bit for bit. A method with ``student: k`` samples
+the distilled student ``runs/distill/student_<k>.pt`` (:mod:`pipeline.distill`) instead of
+``runs/train/model.pt``. The model is loaded and sampled through
 :mod:`pipeline.sampling`, the path ``diffusion generate`` and the MLflow model take too: the same
 method and seeds give the same images there.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import io
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,6 +106,12 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.wrap(text, width)[:3])
 
 
+def model_path(m: Method) -> Path:
+    """The model file a method samples: ``runs/train/model.pt``, or the distilled student of
+    ``m.student`` steps (``runs/distill/student_<k>.pt``)."""
+    return paths.MODEL if m.student is None else paths.student_path(m.student)
+
+
 def _skip(params: Params, name: str, method: Method, reason: str) -> dict[str, Any]:
     print(f"skipped {name}: {reason}")
     record = {"status": "skipped", "reason": reason}
@@ -131,7 +140,7 @@ def run(params: Params, method: str) -> dict[str, Any]:
 def _sample(params: Params, method: str, m: Method, dist: DistInfo) -> dict[str, Any]:
     """Rank ``r`` of ``W`` draws images ``r, r + W, ...``; rank 0 gathers them and writes."""
     device = dist.device
-    model = load_model(device)
+    model = load_model(device, model_path(m))
     recipe = Recipe.of_method(m)
     reason = compatible(recipe.sampler, model.process, recipe.steps)
     if reason is not None:
@@ -176,5 +185,6 @@ def _write(params: Params, method: str, m: Method, images: Tensor, labels: Tenso
         conditional=labels is not None,
         seeds={"first": seeds[0], "count": len(seeds)},
         process=model_file["process"],
-        model_sha256=file_digest(paths.MODEL),
+        model=model_path(m).as_posix(),
+        model_sha256=file_digest(model_path(m)),
     )

@@ -302,6 +302,9 @@ def _log_pipeline(tracker: Tracker, params: Params,
     metrics.update({f"train/{k}": v for k, v in _numbers(_json(paths.TRAIN_METRICS)).items()})
     metrics.update({f"classifier/{k}": v for k, v in _numbers(_json(paths.CLASSIFIER_METRICS))
                     .items()})
+    distilled = _json(paths.DISTILL_METRICS)
+    if distilled.get("status") == "ok":  # images seen, their ratio to the teacher's, wall time
+        metrics.update({f"distill/{k}": v for k, v in _numbers(distilled).items()})
     train_time = read_timing("train")
     if isinstance(train_time.get("wall_s"), int | float):
         metrics["train/wall_s"] = float(train_time["wall_s"])
@@ -314,7 +317,7 @@ def _log_pipeline(tracker: Tracker, params: Params,
         for path in (paths.sample_metrics(method), paths.eval_record(method)):
             tracker.log_artifact(path, str(Path("metrics") / path.parent.name))
     for path in (*REPORT_FILES, paths.SUMMARY, paths.COMPARE, paths.TRAIN_METRICS,
-                 paths.CLASSIFIER_METRICS):
+                 paths.CLASSIFIER_METRICS, paths.DISTILL_METRICS):
         tracker.log_artifact(path, "reports" if path.parent.name == "reports" else "metrics")
     for path in sorted(Path("reports/process").glob("*")):  # the pictures stage
         tracker.log_artifact(path, "process")

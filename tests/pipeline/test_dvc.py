@@ -24,6 +24,7 @@ STAGE_MODULES = {
     "prepare": "pipeline.prepare",
     "classifier": "pipeline.classifier",
     "train": "pipeline.train",
+    "distill": "pipeline.distill",
     "sample": "pipeline.sample",
     "evaluate": "pipeline.evaluate",
     "report": "pipeline.report",
@@ -133,6 +134,7 @@ def test_stage_outputs_match_paths_module(stages: dict[str, Any]) -> None:
             paths.TRAIN_METRICS,
             paths.LOSS_CSV,
         },
+        "distill": {paths.DISTILL_DIR, paths.DISTILL_METRICS},
         "sample": {paths.samples_dir(key), paths.grid_path(key), paths.sample_metrics(key)},
         "evaluate": {paths.EVAL_METRICS, paths.EVAL_RECORDS},
         "report": {

@@ -155,3 +155,13 @@ def test_an_unchanged_state_is_logged_once(workdir: Path) -> None:
     assert third["run_id"] != first["run_id"]
     assert track.state_key(params) == client(workdir).get_run(third["run_id"]).data.tags[
         "pipeline.state"]
+
+
+def test_the_distill_stage_compute_is_logged_in_the_pipeline_run(workdir: Path) -> None:
+    write_json(paths.DISTILL_METRICS, {"status": "ok", "images_seen": 300, "images_ratio": 1.5,
+                                       "wall_s": 12.0, "students": {"student_1": {}}})
+    with contextlib.redirect_stdout(io.StringIO()):
+        out = track.run(params_of(METHODS))
+    metrics = client(workdir).get_run(out["run_id"]).data.metrics
+    assert metrics["distill/images_seen"] == 300 and metrics["distill/images_ratio"] == 1.5
+    assert metrics["distill/wall_s"] == 12.0
