@@ -31,7 +31,8 @@ from pipeline.profiles import (
 )
 from pipeline.train import build_unet, train_config
 
-SHIPPED = ("mnist-cpu", "mnist-uncond-cpu", "fashion-mnist-cpu", "cifar10-gpu")
+SHIPPED = ("mnist-cpu", "mnist-uncond-cpu", "fashion-mnist-cpu", "mnist-flow-cpu", "cifar10-gpu")
+CPU = ["mnist-cpu", "mnist-uncond-cpu", "fashion-mnist-cpu", "mnist-flow-cpu"]
 
 
 def test_the_documented_profiles_are_shipped() -> None:
@@ -45,12 +46,12 @@ def test_every_profile_validates_merged_into_params_yaml(name: str) -> None:
     assert set(raw["methods"]) == set(load_profile(name)["methods"])  # replaced, not merged
 
 
-@pytest.mark.parametrize("name", ["mnist-cpu", "mnist-uncond-cpu", "fashion-mnist-cpu"])
+@pytest.mark.parametrize("name", CPU)
 def test_cpu_profiles_pass_the_check_stage(name: str) -> None:
     check_buildable(merged_params(default_raw(), name)[1])  # builds the U-Net on `meta`
 
 
-@pytest.mark.parametrize("name", ["mnist-cpu", "mnist-uncond-cpu", "fashion-mnist-cpu"])
+@pytest.mark.parametrize("name", CPU)
 def test_cpu_profiles_leave_bf16_to_cpus_that_compute_it(name: str) -> None:
     """An explicit bf16 is emulated, and 7x slower than fp32, on an AVX2-only CPU: the CPU
     profiles say `auto` (bf16 only where it is native) so their step budget holds anywhere."""
@@ -74,6 +75,19 @@ def test_the_unconditional_mnist_profile_is_mnist_cpu_without_labels() -> None:
     plain = {n for n, m in uncond.methods.items() if m.autoguidance == 0}
     assert plain < set(cond.methods) and len(plain) < len(uncond.methods)
     assert uncond.train.guide_at > 0
+
+
+def test_the_flow_profile_is_mnist_cpu_with_another_process_prediction_and_loss() -> None:
+    """Its header (and benchmarks/flow_matching.py) says so: the same data, U-Net, optimiser and
+    budget as mnist-cpu; rectified flow, flow prediction, logit-normal times, no weighting."""
+    cpu, flow = (merged_params(default_raw(), n)[1] for n in ("mnist-cpu", "mnist-flow-cpu"))
+    assert flow.process.name == "rectified_flow" and flow.model.prediction == "flow"
+    assert (flow.train.t_sampling, flow.train.loss_weighting) == ("logit_normal", "none")
+    assert flow.model.model_dump(exclude={"prediction"}) == cpu.model.model_dump(
+        exclude={"prediction"})
+    recipe = {"t_sampling", "loss_weighting"}
+    assert flow.train.model_dump(exclude=recipe) == cpu.train.model_dump(exclude=recipe)
+    assert flow.data == cpu.data and flow.evaluate.baseline in flow.methods
 
 
 def test_the_fashion_mnist_profile_carries_the_mnist_recipe() -> None:
