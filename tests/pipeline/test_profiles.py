@@ -31,8 +31,10 @@ from pipeline.profiles import (
 )
 from pipeline.train import build_unet, train_config
 
-SHIPPED = ("mnist-cpu", "mnist-uncond-cpu", "fashion-mnist-cpu", "mnist-flow-cpu", "cifar10-gpu")
-CPU = ["mnist-cpu", "mnist-uncond-cpu", "fashion-mnist-cpu", "mnist-flow-cpu"]
+SHIPPED = ("mnist-cpu", "mnist-uncond-cpu", "fashion-mnist-cpu", "mnist-flow-cpu",
+           "mnist-distill-cpu", "digits-distill", "cifar10-gpu")
+CPU = ["mnist-cpu", "mnist-uncond-cpu", "fashion-mnist-cpu", "mnist-flow-cpu",
+       "mnist-distill-cpu"]
 
 
 def test_the_documented_profiles_are_shipped() -> None:
@@ -88,6 +90,19 @@ def test_the_flow_profile_is_mnist_cpu_with_another_process_prediction_and_loss(
     recipe = {"t_sampling", "loss_weighting"}
     assert flow.train.model_dump(exclude=recipe) == cpu.train.model_dump(exclude=recipe)
     assert flow.data == cpu.data and flow.evaluate.baseline in flow.methods
+
+
+def test_the_mnist_distillation_teacher_is_the_mnist_recipe_at_1000_steps() -> None:
+    recipe, distil = merged_params(default_raw(), "mnist-cpu")[1], \
+        merged_params(default_raw(), "mnist-distill-cpu")[1]
+    assert distil.process == recipe.process and distil.model == recipe.model
+    assert distil.train.steps == 1000 and distil.distill.enabled
+    teacher_images = distil.train.steps * distil.train.batch_size
+    student_images = distil.distill.rounds * distil.distill.steps_per_round * \
+        distil.distill.batch_size
+    assert student_images <= 2 * teacher_images  # the compute bound
+    students = {m.student for m in distil.methods.values() if m.student}
+    assert students == {2, 4}
 
 
 def test_the_fashion_mnist_profile_carries_the_mnist_recipe() -> None:
