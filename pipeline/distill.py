@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffusion_core.checkpoint import load_checkpoint, require_keys, save_atomic
+from diffusion_core.checkpoint import load_checkpoint, save_atomic
 from diffusion_core.denoiser import Denoiser
 from diffusion_core.distillation import distill_round, start_round
 from diffusion_core.distributed import DistInfo, barrier, cleanup, setup_distributed
@@ -45,7 +45,14 @@ from diffusion_core.unet import UNet
 from pipeline import paths
 from pipeline.config import Params
 from pipeline.errors import StageError
-from pipeline.files import file_digest, run_context, write_json, write_provenance, write_timing
+from pipeline.files import (
+    file_digest,
+    read_model_file,
+    run_context,
+    write_json,
+    write_provenance,
+    write_timing,
+)
 from pipeline.params_digest import distill_config_hash, flatten, params_hash
 from pipeline.prepare import load_split
 from pipeline.progress import Progress
@@ -78,11 +85,7 @@ class RoundState:
 
 def load_teacher(path: Any, device: torch.device) -> Teacher:
     """The EMA network of model file ``path`` (eval mode, frozen) on ``device``."""
-    try:
-        m = load_checkpoint(path, map_location="cpu")
-    except FileNotFoundError:
-        raise StageError(f"{path} is missing: run the train stage first") from None
-    require_keys(m, path, ("model_config", "ema", "process", "prediction"))
+    m = read_model_file(path)
     net = UNet(**m["model_config"])
     net.load_state_dict(m["ema"])
     net = net.to(device).eval().requires_grad_(False)

@@ -21,6 +21,7 @@ from typing import Any
 from diffusion_core.atomic import atomic_path as atomic_path  # re-exported
 from diffusion_core.atomic import write_bytes as _write_bytes
 from pipeline.config import Params
+from pipeline.errors import StageError
 from pipeline.params_digest import params_hash
 
 PROVENANCE_DIR = Path("provenance")
@@ -154,3 +155,20 @@ def run_context() -> dict[str, Any]:
         "host": platform.node(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+#: what every reader of a model file (``runs/train/model.pt``, a distilled student) needs
+MODEL_KEYS = ("model_config", "ema", "process", "prediction")
+
+
+def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The contents of the model file ``path`` on the CPU, its :data:`MODEL_KEYS` checked; a
+    :class:`StageError` naming the stage to run when it is missing."""
+    from diffusion_core.checkpoint import load_checkpoint, require_keys  # torch: not for all
+
+    try:
+        m = load_checkpoint(path, map_location="cpu")
+    except FileNotFoundError:
+        raise StageError(f"{path} is missing: run the train stage first") from None
+    require_keys(m, path, MODEL_KEYS)
+    return m

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
-from diffusion_core.checkpoint import load_checkpoint, require_keys
 from diffusion_core.cuda_graphs import CUDAGraphNet
 from diffusion_core.data import to_uint8
 from diffusion_core.denoiser import Denoiser
@@ -41,6 +40,7 @@ from diffusion_core.samplers import generate
 from diffusion_core.unet import UNet
 from pipeline import paths
 from pipeline.errors import StageError
+from pipeline.files import read_model_file
 from pipeline.progress import Progress
 
 if TYPE_CHECKING:
@@ -115,11 +115,7 @@ def load_model(device: torch.device, path: Path = paths.MODEL) -> Model:
     """The EMA network of ``path`` (``runs/train/model.pt``) on ``device`` as a denoiser, its
     process and the file's contents. On CUDA the network is replayed from CUDA graphs
     (:class:`CUDAGraphNet`: the same images, a little faster; it runs eagerly under autograd)."""
-    try:
-        m = load_checkpoint(path, map_location="cpu")
-    except FileNotFoundError:
-        raise StageError(f"{path} is missing: run the train stage first") from None
-    require_keys(m, path, ("model_config", "ema", "process", "prediction"))
+    m = read_model_file(path)
     process = make_process(**m["process"])
     net = _network(m["model_config"], m["ema"], device)
     return Model(Denoiser(net, process, m["prediction"]), process, m)

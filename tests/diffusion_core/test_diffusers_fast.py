@@ -9,7 +9,7 @@ sees ``t``, so the reference loop calls the same network with ``(k + 1) / N``. B
 
 import pytest
 import torch
-from torch import nn
+from _tiny_net import TinyNet
 
 from diffusion_core.denoiser import Denoiser
 from diffusion_core.processes import DiscreteDDPM
@@ -22,23 +22,9 @@ N_TRAIN = 1000
 SEEDS = list(range(4))
 
 
-class TinyEps(nn.Module):
-    """A small fixed nonlinear epsilon-network of (x, t)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 1, 3, padding=1)
-        self.w = nn.Parameter(torch.randn(1, 8, 1, 1))
-
-    def forward(self, x, t, labels=None):
-        h = torch.nn.functional.silu(self.c1(x) + self.w * t.reshape(-1, 1, 1, 1))
-        return 0.5 * x + 0.3 * self.c2(h)
-
-
 @pytest.fixture(scope="module")
 def setup():
-    net = TinyEps().eval()
+    net = TinyNet(0.5).eval()
     process = DiscreteDDPM(N_TRAIN)
     x_T = torch.randn(len(SEEDS), 1, 8, 8, generator=torch.Generator().manual_seed(7))
     return net, process, x_T

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from _tiny_net import TinyNet
 
 from diffusion_core.denoiser import Denoiser
 from diffusion_core.processes import RectifiedFlow, timestep_shift
@@ -24,23 +24,9 @@ N_TRAIN = 1000
 TOL = 1e-4
 
 
-class TinyFlow(nn.Module):
-    """A small fixed nonlinear flow network of (x, t)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 1, 3, padding=1)
-        self.w = nn.Parameter(torch.randn(1, 8, 1, 1))
-
-    def forward(self, x, t, labels=None):
-        h = torch.nn.functional.silu(self.c1(x) + self.w * t.reshape(-1, 1, 1, 1))
-        return 0.8 * x - 0.5 + 0.3 * self.c2(h)
-
-
 @pytest.fixture(scope="module")
 def setup():
-    net = TinyFlow().eval()
+    net = TinyNet(0.8, -0.5).eval()
     process = RectifiedFlow(t_min=1.0 / N_TRAIN)
     x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(7))
     return net, process, x_T

@@ -3,11 +3,14 @@ model saved as the train stage saves one."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,3 +72,13 @@ def tiny_model(path: Path, num_classes: int = 10, guide: str | None = None) -> P
         m["guide"] = {"ema": weak, "step": 1}
     save_atomic(m, path)
     return path
+
+
+@contextlib.contextmanager
+def stage_workspace(root: Path) -> Iterator[Path]:
+    """Run stages in-process with ``root`` as the repository: the working directory, DVC's root
+    and a private MLflow store (for module-scoped fixtures, which cannot take ``monkeypatch``)."""
+    with pytest.MonkeyPatch.context() as mp, contextlib.chdir(root):
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("DVC_ROOT", str(root))
+        yield root

@@ -3,7 +3,6 @@ sample stage, exact resume, the skipped record, and check-params' rules for stud
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from _pipeline_helpers import tiny_raw
+from _pipeline_helpers import stage_workspace, tiny_raw
 
 from pipeline import distill, paths, prepare, sample, train
 from pipeline.config import Params, ParamsError, validate_params
@@ -40,9 +39,7 @@ def distill_params(**changes: Any) -> Params:
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """prepare, train (6 steps) and distill (2 rounds of 4 steps) once in a temporary folder."""
     root = tmp_path_factory.mktemp("distill")
-    with pytest.MonkeyPatch.context() as mp, contextlib.chdir(root):
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.setenv("DVC_ROOT", str(root))
+    with stage_workspace(root):
         params = distill_params()
         prepare.run(params)
         train.run(params)

@@ -3,7 +3,6 @@ train, sample with every kind of sampler, evaluate, report and pictures; and che
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from _pipeline_helpers import tiny_raw, write_params
+from _pipeline_helpers import stage_workspace, tiny_raw, write_params
 from typer.testing import CliRunner
 
 from diffusion_core.checkpoint import load_checkpoint
@@ -48,9 +47,7 @@ def flow_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, d
     folder and the report's summary."""
     root = tmp_path_factory.mktemp("flow")
     params = validate_params(flow_raw())
-    with pytest.MonkeyPatch.context() as mp, contextlib.chdir(root):
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.setenv("DVC_ROOT", str(root))
+    with stage_workspace(root):
         prepare.run(params)
         classifier.run(params)
         train.run(params)

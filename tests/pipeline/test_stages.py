@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from _pipeline_helpers import tiny_raw
+from _pipeline_helpers import stage_workspace, tiny_raw
 
 from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.data import to_uint8
@@ -36,9 +36,7 @@ def params_with(**methods: dict[str, Any]) -> Params:
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """prepare, classifier and train (6 steps) run once in a temporary working directory."""
     root = tmp_path_factory.mktemp("workspace")
-    with pytest.MonkeyPatch.context() as mp, contextlib.chdir(root):
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.setenv("DVC_ROOT", str(root))
+    with stage_workspace(root):
         params = params_with()
         prepare.run(params)
         classifier.run(params)
