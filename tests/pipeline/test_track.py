@@ -102,7 +102,9 @@ def method_runs(workdir: Path, parent: str) -> dict[str, object]:
     return {r.info.run_name: r for r in runs}
 
 
-def test_one_nested_run_per_method_with_its_settings_and_scores(workdir: Path) -> None:
+def test_one_nested_run_per_method_with_its_settings_and_scores(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with contextlib.redirect_stdout(io.StringIO()):
         out = track.run(params_of(METHODS))
     runs = method_runs(workdir, out["run_id"])
@@ -131,7 +133,8 @@ def test_one_nested_run_per_method_with_its_settings_and_scores(workdir: Path) -
     # the tidy table of methods a user gets from MLflow
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    # the environment, not mlflow.set_tracking_uri: that would outlive this test in the worker
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
     table = mlflow.search_runs(experiment_names=["track-test"],
                                filter_string="tags.`run.kind` = 'method'")
     assert len(table) == len(METHODS)

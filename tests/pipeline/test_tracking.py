@@ -190,7 +190,9 @@ def test_experiment_runs_get_their_commit_from_the_exp_refs(store: str, tmp_path
     assert sync_experiment_commits(client, experiment_id, uri, repo) == 0  # already tagged
 
 
-def test_the_model_is_an_mlflow_pyfunc_in_the_registry(store: str, tmp_path: Path) -> None:
+def test_the_model_is_an_mlflow_pyfunc_in_the_registry(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow
 
     model = tiny_model(tmp_path / "model.pt")
@@ -201,7 +203,7 @@ def test_the_model_is_an_mlflow_pyfunc_in_the_registry(store: str, tmp_path: Pat
     assert tracker.find_model_run("f" * 64).info.run_id == tracker.run_id
     assert tracker.find_model_run("0" * 64) is None
 
-    mlflow.set_tracking_uri(store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # not set_tracking_uri: process-wide
     loaded = mlflow.pyfunc.load_model("models:/tiny-digits/1")
     assert loaded.metadata.signature.params is not None
     request = pd.DataFrame({"seed": [0, 1, 2, 3], "label": [0, 2, -1, 1]})
