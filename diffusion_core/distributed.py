@@ -115,6 +115,15 @@ def setup_distributed(
     return DistInfo(rank, world_size, local_rank, dev, rank == 0)
 
 
+def data_parallel(module: torch.nn.Module, dist: DistInfo) -> torch.nn.Module:
+    """``module`` in ``DistributedDataParallel`` over ``dist.world_size > 1`` processes (its
+    construction broadcasts rank 0's weights; one device per process on CUDA), else itself."""
+    if dist.world_size == 1:
+        return module
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
 def cleanup() -> None:
     """Leave the process group (no-op when none is initialised)."""
     if is_distributed():

@@ -71,6 +71,7 @@ from diffusion_core.distributed import (
     all_gather_object,
     barrier,
     broadcast_object,
+    data_parallel,
     rank0_print,
 )
 from diffusion_core.ema import EMA, MAX_POWER_EMA_STD, unwrap_model
@@ -494,10 +495,7 @@ def _build_state(
     raw.to(device).train()
     if ck is not None:
         raw.load_state_dict(ck["model"])
-    model: nn.Module = raw
-    if dist.world_size > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(raw, device_ids=ids)  # broadcasts rank 0
+    model = data_parallel(raw, dist)  # broadcasts rank 0's weights
     ema = EMA(raw, cfg.ema_decay, cfg.ema_warmup, std=cfg.ema_std)
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
@@ -780,18 +778,26 @@ class _Checkpoints:
             return
         guide = state.guide
         extra = {"guide": {"ema": guide[1], "step": guide[0]}} if guide is not None else {}
-        save_atomic({
-            "format": MODEL_FORMAT,
-            "model_config": dict(getattr(state.model, "config", None) or {}),
-            "ema": _cpu_state(state.ema.module),
-            "model": _cpu_state(state.model),
-            "process": _describe(self.process),
-            "prediction": self.cfg.prediction,
-            "step": state.step,
-            "config_hash": self.config_hash,
-            "train_config": dataclasses.asdict(self.cfg),
-            **extra,
-        }, path)
+        save_atomic(model_file(state.model, state.ema.module, self.process, self.cfg.prediction,
+                               state.step, config_hash=self.config_hash,
+                               train_config=dataclasses.asdict(self.cfg), **extra), path)
+
+
+def model_file(model: nn.Module, ema_module: nn.Module, process: Any, prediction: str,
+               step: int, **extra: Any) -> dict[str, Any]:
+    """The contents of a model file (``MODEL_FORMAT``), the one thing sampling loads: the
+    network's config, its EMA and raw weights on the CPU, the process, the prediction, the step,
+    then ``extra`` (training: its config and hash and the guide; distillation: its round)."""
+    return {
+        "format": MODEL_FORMAT,
+        "model_config": dict(getattr(model, "config", None) or {}),
+        "ema": _cpu_state(ema_module),
+        "model": _cpu_state(model),
+        "process": _describe(process),
+        "prediction": prediction,
+        "step": step,
+        **extra,
+    }
 
 
 def _describe(process: Any) -> dict[str, Any]:

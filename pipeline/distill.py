@@ -37,10 +37,16 @@ from torch import Tensor, nn
 from diffusion_core.checkpoint import load_checkpoint, save_atomic
 from diffusion_core.denoiser import Denoiser
 from diffusion_core.distillation import distill_round, start_round
-from diffusion_core.distributed import DistInfo, barrier, cleanup, setup_distributed
+from diffusion_core.distributed import (
+    DistInfo,
+    barrier,
+    cleanup,
+    data_parallel,
+    setup_distributed,
+)
 from diffusion_core.ema import EMA
 from diffusion_core.processes import NoiseProcess, make_process
-from diffusion_core.training import MODEL_FORMAT, BatchSampler, derive_seed, lr_at
+from diffusion_core.training import BatchSampler, derive_seed, lr_at, model_file
 from diffusion_core.unet import UNet
 from pipeline import paths
 from pipeline.config import Params
@@ -61,12 +67,11 @@ from pipeline.tracking import Tracker, run_name, run_tags
 
 @dataclass
 class Teacher:
-    """A model file's EMA network, its process and prediction, and the file's process record."""
+    """A model file's EMA network, its process and prediction."""
 
     net: nn.Module
     process: NoiseProcess
     prediction: str
-    process_record: dict[str, Any]
 
 
 @dataclass
@@ -89,7 +94,7 @@ def load_teacher(path: Any, device: torch.device) -> Teacher:
     net = UNet(**m["model_config"])
     net.load_state_dict(m["ema"])
     net = net.to(device).eval().requires_grad_(False)
-    return Teacher(net, make_process(**m["process"]), m["prediction"], dict(m["process"]))
+    return Teacher(net, make_process(**m["process"]), m["prediction"])
 
 
 def _skip(params: Params, reason: str) -> dict[str, Any]:
@@ -179,24 +184,10 @@ def restore(ck: dict[str, Any], teacher: nn.Module, params: Params) -> RoundStat
 def save_student(steps: int, state: RoundState, teacher: Teacher, params: Params,
                  info: dict[str, Any]) -> None:
     """The round's student as a model file (EMA weights under ``ema``), as the train stage's."""
-    cpu = {k: v.detach().cpu() for k, v in state.net.state_dict().items()}
-    save_atomic({
-        "format": MODEL_FORMAT,
-        "model_config": dict(getattr(state.net, "config", None) or {}),
-        "ema": {k: v.detach().cpu() for k, v in state.ema.module.state_dict().items()},
-        "model": cpu,
-        "process": teacher.process_record,
-        "prediction": params.distill.prediction,
-        "step": state.step,
-        "distill": {**info, "round": state.index + 1, "steps": steps},
-    }, paths.student_path(steps))
-
-
-def _wrap(net: nn.Module, dist: DistInfo) -> nn.Module:
-    if dist.world_size == 1:
-        return net
-    ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    save_atomic(model_file(state.net, state.ema.module, teacher.process,
+                           params.distill.prediction, state.step,
+                           distill={**info, "round": state.index + 1, "steps": steps}),
+                paths.student_path(steps))
 
 
 def train_round(state: RoundState, teacher: Teacher, params: Params, dist: DistInfo,
@@ -207,7 +198,7 @@ def train_round(state: RoundState, teacher: Teacher, params: Params, dist: DistI
     d = params.distill
     grid = teacher.process.time_grid(d.teacher_steps >> state.index, "trailing").to(dist.device)
     teacher_d = Denoiser(teacher.net, teacher.process, teacher.prediction)
-    student = Denoiser(_wrap(state.net, dist), teacher.process, d.prediction)
+    student = Denoiser(data_parallel(state.net, dist), teacher.process, d.prediction)
     null_label = getattr(teacher.net, "null_label", None)
     batch = batches(*data, params, dist, state.index, null_label)
     seed = params.seed if dist.rank == 0 else derive_seed(params.seed, "distill-rank", dist.rank)
