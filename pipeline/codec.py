@@ -23,8 +23,8 @@ from pipeline import paths
 from pipeline.config import Method, Params, ParamsError
 from pipeline.errors import StageError
 from pipeline.files import file_digest, provenance, write_bytes
+from pipeline.image_grid import grid_png
 from pipeline.prepare import load_split
-from pipeline.sample import grid_png
 from pipeline.sampling import load_model
 
 

@@ -222,7 +222,7 @@ def _generate(o: GenerateOptions, settings: dict[str, Any], checkpoint: Path, di
     from diffusion_core.guidance import network_evaluations
     from diffusion_core.samplers import compatible, sampling_grid
     from pipeline.files import file_digest, write_bytes, write_json
-    from pipeline.sample import _png, grid_png
+    from pipeline.image_grid import array_png, grid_png
     from pipeline.sampling import Recipe, guided_denoiser, load_model
     from pipeline.shards import draw, gather, share
 
@@ -254,7 +254,7 @@ def _generate(o: GenerateOptions, settings: dict[str, Any], checkpoint: Path, di
     def write_pngs(indices: list[int], images: torch.Tensor) -> None:
         for i, image in zip(indices, images.permute(0, 2, 3, 1).numpy(), strict=True):
             label = None if labels is None else labels[i]
-            write_bytes(o.out / image_name(i, label, o.seed + i), _png(image))
+            write_bytes(o.out / image_name(i, label, o.seed + i), array_png(image))
 
     start = time.perf_counter()
     mine = draw(

@@ -36,6 +36,7 @@ from diffusion_core.samplers import compatible, generate
 from pipeline import paths
 from pipeline.config import Method, Params
 from pipeline.files import write_bytes, write_provenance
+from pipeline.image_grid import png_bytes, tile
 from pipeline.prepare import load_split
 from pipeline.sampling import Recipe, guided_denoiser, load_model, method_labels
 
@@ -46,33 +47,10 @@ MAX_STEPS = 100
 ODE_STEPS = 50
 FORWARD_TIMES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 DEFAULT_W = (0.0, 1.0, 2.0, 4.0)
-MIN_PIXELS = 32  # images are upscaled (nearest) to at least this size
 FRAME_MS = 180
 
 
 # ----------------------------------------------------------------------------- drawing helpers
-def _scale(images: Tensor, min_pixels: int = MIN_PIXELS) -> int:
-    return max(1, math.ceil(min_pixels / images.shape[-1]))
-
-
-def tile(images: Tensor, rows: int, cols: int, pad: int = 2, min_pixels: int = MIN_PIXELS) -> Any:
-    """A PIL image of uint8 ``images`` (N, C, H, W) in ``rows x cols`` cells (row-major),
-    upscaled to at least ``MIN_PIXELS``; missing cells stay white."""
-    from PIL import Image
-
-    s = _scale(images, min_pixels)
-    c, h, w = images.shape[1], images.shape[2] * s, images.shape[3] * s
-    mode = "L" if c == 1 else "RGB"
-    canvas = Image.new(mode, (cols * (w + pad) + pad, rows * (h + pad) + pad), color=255 if
-                       mode == "L" else (255, 255, 255))
-    for k, img in enumerate(images[: rows * cols]):
-        arr = img.repeat_interleave(s, 1).repeat_interleave(s, 2).permute(1, 2, 0).numpy()
-        cell = Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode=mode)
-        r, q = divmod(k, cols)
-        canvas.paste(cell, (pad + q * (w + pad), pad + r * (h + pad)))
-    return canvas
-
-
 def annotate(image: Any, *, top: Sequence[str] = (), left: Sequence[str] = (),
              title: str = "") -> Any:
     """``image`` with a title line, column headers ``top`` and row headers ``left`` (spread
@@ -99,12 +77,6 @@ def annotate(image: Any, *, top: Sequence[str] = (), left: Sequence[str] = (),
         cell = image.height / len(left)
         draw.text((2, head + 2 + k * cell + cell / 2 - 5), text, fill=ink)
     return out
-
-
-def png_bytes(image: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def gif_bytes(frames: Sequence[Any], ms: int = FRAME_MS) -> bytes:

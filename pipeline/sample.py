@@ -27,8 +27,6 @@ metrics record says ``status: skipped`` with the reason, and the grid shows it.
 
 from __future__ import annotations
 
-import io
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -44,49 +42,11 @@ from pipeline import paths
 from pipeline.config import Method, Params
 from pipeline.errors import StageError
 from pipeline.files import file_digest, write_bytes, write_json, write_provenance, write_timing
+from pipeline.image_grid import grid_png, png_bytes
 from pipeline.sampling import Recipe, guided_denoiser, load_model, method_labels
 from pipeline.shards import draw, gather, share
 
 GRID_IMAGES = 100
-
-
-def tile(images: Tensor, nrow: int, padding: int = 2, pad_value: float = 1.0) -> Tensor:
-    """Images ``(B, C, H, W)`` laid out ``nrow`` per row on a ``(3, ., .)`` canvas of
-    ``pad_value`` with ``padding`` pixels around each, grey images repeated to RGB: the layout
-    of ``torchvision.utils.make_grid``, without importing torchvision (a second of start-up).
-    One image is returned as it is, without padding (as ``make_grid`` does)."""
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    count, channels, height, width = images.shape
-    if count == 1:
-        return images[0]
-    cols = min(nrow, count)
-    rows = math.ceil(count / cols)
-    cell_h, cell_w = height + padding, width + padding
-    canvas = images.new_full((channels, rows * cell_h + padding, cols * cell_w + padding),
-                             pad_value)
-    for k in range(count):
-        top, left = (k // cols) * cell_h + padding, (k % cols) * cell_w + padding
-        canvas[:, top : top + height, left : left + width] = images[k]
-    return canvas
-
-
-def grid_png(images: Tensor) -> bytes:
-    """A PNG grid (10 per row, nearest-upscaled to at least 32 px) of uint8 images."""
-    x = images[:GRID_IMAGES].float() / 255.0
-    scale = max(1, math.ceil(32 / x.shape[-1]))
-    x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
-    grid = tile(x, nrow=10, padding=2, pad_value=1.0)
-    return _png(grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
-
-
-def _png(array: Any) -> bytes:
-    from PIL import Image
-
-    img = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _message_png(text: str) -> bytes:
@@ -95,9 +55,7 @@ def _message_png(text: str) -> bytes:
 
     img = Image.new("L", (480, 60), color=255)
     ImageDraw.Draw(img).multiline_text((8, 8), _wrap(text, 70), fill=0)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(img)
 
 
 def _wrap(text: str, width: int) -> str:
@@ -175,7 +133,7 @@ def _write(params: Params, method: str, m: Method, images: Tensor, labels: Tenso
         {"images": images, "labels": labels, "seeds": torch.tensor(seeds), "method": method},
         paths.samples_dir(method) / "samples.pt",
     )
-    write_bytes(paths.grid_path(method), grid_png(images))
+    write_bytes(paths.grid_path(method), grid_png(images, GRID_IMAGES))
     write_json(paths.sample_metrics(method), record)
     write_provenance(
         f"sample@{method}",

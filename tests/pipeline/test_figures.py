@@ -189,15 +189,20 @@ def test_nothing_to_plot_still_gives_a_figure(draw) -> None:
     assert not blue(rgb(empty)).any()  # and no points
 
 
-@pytest.mark.parametrize(("shape", "nrow"), [((37, 1, 8, 8), 10), ((5, 3, 4, 6), 10),
-                                             ((20, 1, 3, 3), 7), ((1, 1, 2, 2), 10)])
-def test_sample_grids_are_laid_out_as_torchvision_make_grid(shape: tuple[int, ...],
-                                                            nrow: int) -> None:
+def test_sample_grids_put_image_k_in_row_k_div_10_column_k_mod_10_upscaled_on_white() -> None:
     import torch
-    from torchvision.utils import make_grid
 
-    from pipeline.sample import tile
+    from pipeline.image_grid import grid_png
 
-    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
-    expected = make_grid(x, nrow=nrow, padding=2, pad_value=1.0)
-    assert torch.equal(tile(x, nrow=nrow, padding=2, pad_value=1.0), expected)
+    values = torch.arange(12, dtype=torch.uint8) * 20  # image k is the constant 20 k
+    images = values.view(12, 1, 1, 1).expand(12, 1, 8, 8).contiguous()
+    grid = np.asarray(Image.open(io.BytesIO(grid_png(images))))
+    cell, pad = 32, 2  # 8 px upscaled to at least 32, 2 px of padding
+    assert grid.shape == (2 * (cell + pad) + pad, 10 * (cell + pad) + pad)
+    for k, v in enumerate(values.tolist()):
+        r, c = divmod(k, 10)
+        top, left = pad + r * (cell + pad), pad + c * (cell + pad)
+        assert (grid[top:top + cell, left:left + cell] == v).all(), k
+    assert (grid[pad + cell + pad:, pad + 2 * (cell + pad):] == 255).all()  # empty cells
+    assert (grid[:pad] == 255).all() and (grid[:, :pad] == 255).all()  # the padding
+    assert grid_png(images, limit=3) != grid_png(images)
